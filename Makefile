@@ -1,0 +1,29 @@
+# safegrpo: `make train` runs the main job, `make test` the tests. Both set up what they need.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# A CPU build of torch is on local disk here; on a GPU machine PyPI's torch==2.13.0 is the CUDA
+# build. Override with `make TORCH_SPEC=torch==X.Y.Z ...` if you need another.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/tiny.yaml
+
+.PHONY: setup train test bench eval clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+train: $(STAMP)
+	$(PY) train.py --config $(CONFIG)
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf runs data/synth data/tiny_model

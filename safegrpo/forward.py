@@ -1,0 +1,102 @@
+"""How prompts and completions go through a Hugging Face model, with the prompt computed once.
+
+GRPO scores G completions of the same prompt. Both the rollout and the update run the prompt
+(and its images, through the vision tower) once per prompt, keep its key/value cache, repeat
+that cache G times, and run only the completions on top of it:
+
+    prefill(prompts [B, Lp]) -> cache, last hidden [B, H]        vision features once per prompt
+    cache.batch_repeat_interleave(G)                              [B*G, ...]
+    completions [B*G, T] attend to the repeated cache             -> hidden [B*G, T, H]
+
+This is exact (the same attention as the concatenated sequence) and differentiable: the update
+backpropagates through the repeated cache into the prompt pass. It saves (G-1)/G of the prompt
+compute in every phase. The LM head is applied separately (fused log-probs, logprobs.py), so
+prompt logits are never computed.
+
+Positions: Qwen-VL models use 3D rotary positions (`model.model.get_rope_index`); text after the
+prompt continues at max(prompt positions) + 1. Plain causal LMs use 1D positions that skip
+left padding. Works for any model whose `model.model(...)` accepts `position_ids`, `cache`,
+`attention_mask` and (for VL models) `pixel_values` / `image_grid_thw`.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+VISION_KEYS = ("pixel_values", "image_grid_thw")
+
+
+def is_vision_model(model) -> bool:
+    return hasattr(model.config, "vision_config")
+
+
+def lm_head_weight(model) -> torch.Tensor:
+    """[V, H] weight of the output projection (tied or not)."""
+    return model.get_output_embeddings().weight
+
+
+def base_model(model):
+    """The module under the LM head (Qwen2VLModel, LlamaModel, ...)."""
+    return model.model
+
+
+def prompt_positions(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position ids of a left-padded prompt batch and the first position after each prompt.
+
+    Returns (position_ids [3, B, Lp] for VL models or [B, Lp] otherwise, next_pos [B]).
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if is_vision_model(model):
+        mm = batch.get("mm_token_type_ids")
+        if mm is None:
+            mm = torch.zeros_like(ids, dtype=torch.int32)
+        kw = {k: batch[k] for k in ("image_grid_thw", "video_grid_thw") if batch.get(k) is not None}
+        pos, _ = base_model(model).get_rope_index(input_ids=ids, mm_token_type_ids=mm, attention_mask=mask, **kw)
+        next_pos = pos.amax(dim=(0, 2)) + 1                                   # [B]
+        return pos, next_pos
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)                           # [B, Lp]
+    return pos, pos[:, -1] + 1
+
+
+def continuation_positions(model, next_pos: torch.Tensor, length: int, offset: int = 0) -> torch.Tensor:
+    """Positions of `length` tokens after the prompt: [3, N, length] (VL) or [N, length]."""
+    pos = next_pos[:, None] + offset + torch.arange(length, device=next_pos.device)[None, :]
+    return pos.unsqueeze(0).expand(3, -1, -1) if is_vision_model(model) else pos
+
+
+def prefill(model, batch: dict, position_ids: torch.Tensor):
+    """Run prompts once; returns (hidden of the last prompt position [B, H], cache)."""
+    cache = DynamicCache(config=model.config)
+    kw = {k: batch[k] for k in VISION_KEYS if batch.get(k) is not None}
+    out = base_model(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=position_ids, cache=cache, use_cache=True, **kw)
+    return out.last_hidden_state[:, -1], cache
+
+
+def step(model, ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache):
+    """Run new tokens ids [N, t] on top of `cache`; returns hidden [N, t, H] (cache grows)."""
+    out = base_model(model)(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                            cache=cache, use_cache=True)
+    return out.last_hidden_state
+
+
+def completion_hidden(model, batch: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                      group_size: int) -> torch.Tensor:
+    """Hidden states that score each completion token: [B*G, T, H].
+
+    batch: B left-padded prompts; completion_ids / completion_mask [B*G, T], rows grouped
+    by prompt (rows g*G .. g*G+G-1 belong to prompt g). Entry t is the hidden state at the
+    position before completion token t (the last prompt position for t = 0).
+    """
+    pos, next_pos = prompt_positions(model, batch)
+    last, cache = prefill(model, batch, pos)                                  # [B, H]
+    if group_size > 1:
+        cache.batch_repeat_interleave(group_size)
+    prompt_mask = batch["attention_mask"].repeat_interleave(group_size, dim=0)
+    T = completion_ids.shape[1]
+    if T > 1:
+        mask = torch.cat([prompt_mask, completion_mask[:, :-1].to(prompt_mask.dtype)], dim=1)
+        cpos = continuation_positions(model, next_pos.repeat_interleave(group_size), T - 1)
+        h = step(model, completion_ids[:, :-1], mask, cpos, cache)             # [B*G, T-1, H]
+        return torch.cat([last.repeat_interleave(group_size, dim=0)[:, None], h], dim=1)
+    return last.repeat_interleave(group_size, dim=0)[:, None]

@@ -1,0 +1,121 @@
+"""The GRPO math as small pure tensor functions (no state, no model).
+
+Notation follows DeepSeekMath's GRPO (Shao et al., 2024, eq. 3) and DAPO / Dr. GRPO for the
+variants. For prompt q with G sampled outputs o_1..o_G and rewards r_1..r_G:
+
+  (1) advantage       A_i = (r_i - mean(r)) / (std(r) + eps)          std with Bessel's correction
+  (2) ratio           rho_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})
+  (3) clipped loss    L_{i,t} = max(-A_i rho, -A_i clip(rho, 1 - eps_low, 1 + eps_high))
+      dual clip       for A_i < 0: L_{i,t} = min(L_{i,t}, -A_i c)          (Ye et al., 2020)
+  (4) KL estimators   k1 = log(pi/pi_ref), k2 = 0.5 log(pi/pi_ref)^2,
+                      k3 = pi_ref/pi - log(pi_ref/pi) - 1                  (Schulman, 2020)
+  (5) objective       J = aggregate(L_{i,t} + beta * KL_{i,t}) over completion tokens
+
+Shapes: N = B*G sequences, T = completion length; `mask` [N, T] is 1 on completion tokens
+(first EOS included) and 0 after.
+"""
+from __future__ import annotations
+
+import torch
+
+ADV_SCALES = ("group", "batch", "none")
+KL_KINDS = ("k1", "k2", "k3")
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
+    """Eq. (1). rewards [N] (groups are consecutive blocks of group_size) -> advantages [N].
+
+    scale="group": divide by each group's std (the paper); "batch": by the std of all N rewards;
+    "none": no division (Dr. GRPO).
+
+    >>> group_advantages(torch.tensor([1., 0., 0., 1.]), 2)
+    tensor([ 0.7071, -0.7071, -0.7071,  0.7071])
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2 for group-relative advantages, got {group_size}")
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} entries, "
+                         f"got shape {tuple(rewards.shape)}")
+    r = rewards.view(-1, group_size)                       # [B, G]
+    centered = r - r.mean(dim=-1, keepdim=True)
+    if scale == "group":
+        centered = centered / (r.std(dim=-1, keepdim=True, unbiased=True) + eps)
+    elif scale == "batch":
+        centered = centered / (rewards.std(unbiased=True) + eps)
+    elif scale != "none":
+        raise ValueError(f"unknown advantage scale {scale!r}; use one of {ADV_SCALES}")
+    return centered.reshape(-1)
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """Eq. (4), elementwise per token. k3 (the paper's "low_var_kl") is clamped as in verl:
+    d = clamp(ref - logp, -20, 20), kl = clamp(exp(d) - d - 1, -10, 10)."""
+    if kind == "k1":
+        return logp - ref_logp
+    if kind == "k2":
+        return 0.5 * (logp - ref_logp).square()
+    if kind == "k3":
+        d = torch.clamp(ref_logp - logp, -20.0, 20.0)
+        return torch.clamp(torch.exp(d) - d - 1.0, -10.0, 10.0)
+    raise ValueError(f"unknown KL estimator {kind!r}; use one of {KL_KINDS}")
+
+
+def _per_token(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return advantages.unsqueeze(-1).expand_as(like) if advantages.ndim == like.ndim - 1 else advantages
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = 3.0) -> torch.Tensor:
+    """Eqs. (2)-(3): per-token clipped surrogate loss [N, T], zero where mask is 0.
+
+    advantages: per sequence [N] or per token [N, T]. ratio = exp(clamp(logp - old_logp, -20, 20)).
+    dual_clip c > 1 bounds the loss of negative-advantage tokens by -A c (None disables it).
+    """
+    adv = _per_token(advantages, logp)
+    ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
+    loss = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high))
+    if dual_clip is not None:
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
+    return loss * mask
+
+
+@torch.no_grad()
+def clip_fraction(logp, old_logp, advantages, mask, clip_low: float = 0.2, clip_high: float = 0.2) -> torch.Tensor:
+    """Share of completion tokens whose surrogate is clipped (the gradient through rho is cut)."""
+    adv = _per_token(advantages, logp)
+    ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
+    clipped = ((ratio > 1 + clip_high) & (adv > 0)) | ((ratio < 1 - clip_low) & (adv < 0))
+    return (clipped.float() * mask).sum() / mask.sum().clamp(min=1)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
+              norm_constant: float | None = None) -> torch.Tensor:
+    """Eq. (5): reduce per-token losses [N, T] to a scalar.
+
+    token-mean: sum over all completion tokens / their count. To make a micro-batch's share of
+        a mini-batch exact, pass the mini-batch's token count as norm_constant: the micro losses
+        then add up to the mini-batch token-mean whatever the split.
+    seq-mean-token-mean: mean over sequences of each sequence's token mean (norm_constant, if
+        given, replaces the number of sequences N, for the same micro-batch reason).
+    seq-mean-token-sum-norm (Dr. GRPO): sum of each sequence's token sum / norm_constant (a
+        fixed constant, default T, e.g. the maximum response length), divided by N.
+    """
+    masked = per_token * mask
+    if mode == "token-mean":
+        denom = mask.sum().clamp(min=1) if norm_constant is None else norm_constant
+        return masked.sum() / denom
+    n_seq = per_token.shape[0]
+    if mode == "seq-mean-token-mean":
+        seq = masked.sum(-1) / mask.sum(-1).clamp(min=1)
+        return seq.sum() / (n_seq if norm_constant is None else norm_constant)
+    if mode == "seq-mean-token-sum-norm":
+        constant = per_token.shape[-1] if norm_constant is None else norm_constant
+        return masked.sum() / constant / n_seq
+    raise ValueError(f"unknown loss aggregation {mode!r}; use one of {AGG_MODES}")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)

@@ -1,0 +1,93 @@
+"""Fused, chunked per-token log-probabilities and entropies from last hidden states.
+
+    logp[n] = log_softmax(hidden[n] @ W.T / T)[targets[n]]             computed in fp32
+
+For a Qwen vocabulary (V = 151,936) the [batch, length, V] logits tensor is the largest thing in
+a GRPO step. `token_logprobs` never builds it: the forward pass walks the rows in chunks and
+keeps only each row's log-sum-exp; the backward pass recomputes each chunk's logits and turns
+them into gradients at once,
+    d logp[n] / d logits[n] = (onehot(target) - softmax) / T,
+so peak memory is one chunk x V, whatever batch x length. Entropy is returned alongside, without
+gradient, for logging.
+
+Assumes hidden [..., H], lm_head weight [V, H] (no bias), targets [...] of token ids. Alignment
+(hidden at position t scores token t+1) is the caller's; `shift_for_next_token` does it.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _default_chunk(vocab: int) -> int:
+    return max(16, (32 * 2 ** 20) // vocab)  # about 128 MB of fp32 logits per chunk
+
+
+class _FusedLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size):
+        # hidden [N, H], weight [V, H], targets [N]
+        w32 = weight.float()
+        n = hidden.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty_like(logp)
+        lse = torch.empty_like(logp)
+        for s in range(0, n, chunk_size):
+            logits = hidden[s:s + chunk_size].float() @ w32.T                # [C, V]
+            if temperature != 1.0:
+                logits.div_(temperature)
+            c_lse = torch.logsumexp(logits, dim=-1)                          # [C]
+            lse[s:s + chunk_size] = c_lse
+            logp[s:s + chunk_size] = logits.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1) - c_lse
+            logits.sub_(c_lse[:, None])                                      # now log-probs
+            entropy[s:s + chunk_size] = -(logits.exp() * logits).sum(-1)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        T, C = ctx.temperature, ctx.chunk_size
+        w32 = weight.float()
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(w32) if ctx.needs_input_grad[1] else None
+        for s in range(0, hidden.shape[0], C):
+            h = hidden[s:s + C].float()                                      # [C, H]
+            logits = h @ w32.T
+            if T != 1.0:
+                logits.div_(T)
+            g = grad_logp[s:s + C].float()                                   # [C]
+            # d logp / d logits = onehot - softmax; chain with g and 1/T
+            dlogits = torch.exp(logits - lse[s:s + C, None]).mul_(-g[:, None])
+            dlogits.scatter_add_(-1, targets[s:s + C, None], g[:, None])
+            if T != 1.0:
+                dlogits.div_(T)
+            if grad_hidden is not None:
+                grad_hidden[s:s + C] = (dlogits @ w32).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(dlogits.T, h)
+        return grad_hidden, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+
+
+def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
+                   temperature: float = 1.0, chunk_size: int | None = None, return_entropy: bool = False):
+    """log p(targets | hidden) under softmax(hidden @ W.T / temperature), in fp32.
+
+    hidden [..., H], lm_head_weight [V, H], targets [...] -> logp [...] (and entropy [...], no
+    grad, when return_entropy). Gradients flow to hidden and weight; memory is one chunk x V.
+    """
+    lead = targets.shape
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1).long()
+    if h.shape[0] != t.shape[0]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} do not line up")
+    chunk = chunk_size or _default_chunk(lm_head_weight.shape[0])
+    logp, ent = _FusedLogProbs.apply(h, lm_head_weight, t, float(temperature), int(chunk))
+    logp, ent = logp.view(lead), ent.view(lead)
+    return (logp, ent) if return_entropy else logp
+
+
+def shift_for_next_token(hidden: torch.Tensor, input_ids: torch.Tensor):
+    """Align a full sequence: hidden [B, L, H] at positions 0..L-2 score ids [B, L] at 1..L-1."""
+    return hidden[:, :-1], input_ids[:, 1:]

@@ -1,0 +1,147 @@
+"""Load policy and reference models from a local Hugging Face directory, or build the tiny default.
+
+The tiny default is a real Qwen2-VL checkpoint in miniature: a `Qwen2VLForConditionalGeneration`
+built from a small config (random init, a few million parameters), a byte-level BPE tokenizer
+trained here on the SafeTag-Synth corpus, and a `Qwen2VLProcessor`, saved together with
+`save_pretrained`. Training then loads it with `from_pretrained` like any downloaded Qwen2-VL
+model, so the tiny run exercises the same code path as a real one. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .processor import QwenVLImageTextProcessor
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+# Tag strings become single tokens in the tiny tokenizer (Qwen3 tokenizers do the same for <think>).
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>", "<visual_safe>", "</visual_safe>",
+              "<text_safe>", "</text_safe>", "<combined_safe>", "</combined_safe>"]
+
+# Qwen2-VL's chat template without the default system prompt (METHOD.md: there is none).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int = 2048):
+    """Byte-level BPE trained on `corpus`, wrapped as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                                         "vision_bos_token": "<|vision_start|>",
+                                                         "vision_eos_token": "<|vision_end|>"})
+    fast.add_tokens(TAG_TOKENS)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_corpus() -> list[str]:
+    """Every string the tiny model will read or write, for tokenizer training."""
+    from . import synth
+    from .prompting import PROMPT_STYLES
+
+    texts = list(PROMPT_STYLES.values()) + synth.all_instructions() + synth.REFUSALS
+    texts += [h.format(c=c) for h in synth.HELPFUL for c in synth.all_concepts()]
+    for c in synth.all_concepts():
+        texts += [c, c.upper(), c.capitalize(), f"The image shows the word {c}.",
+                  f"The image shows {synth.caption_object(c)}."]
+    texts += [f"3. The user asks: {i.rstrip('?.').lower()}." for i in synth.all_instructions()]
+    texts += sorted(set(synth.KINDS.values()))
+    texts += ["user", "assistant", "system", "1. 2. 3. 4. 5. The overall risk is high. The overall risk is low.",
+              "safe unsafe Safe Unsafe SAFE UNSAFE"]
+    return texts
+
+
+def build_tiny_model_dir(out_dir, model_cfg: dict, seed: int = 0) -> Path:
+    """Build and save the tiny Qwen2-VL model + tokenizer + processor to out_dir (atomically)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    tok = train_tokenizer(tiny_corpus(), model_cfg.get("vocab_size", 2048))
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    hidden, heads = model_cfg["hidden_size"], model_cfg["num_attention_heads"]
+    head_dim = hidden // heads
+    section = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]  # Qwen2-VL's 16/24/24 split of head_dim/2
+    section[0] += head_dim // 2 - sum(section)
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tok), hidden_size=hidden, intermediate_size=model_cfg["intermediate_size"],
+            num_hidden_layers=model_cfg["num_hidden_layers"], num_attention_heads=heads,
+            num_key_value_heads=model_cfg.get("num_key_value_heads", heads), max_position_embeddings=2048,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=model_cfg.get("tie_word_embeddings", False)),
+        vision_config=dict(depth=model_cfg["vision_depth"], embed_dim=model_cfg["vision_embed_dim"],
+                           num_heads=model_cfg["vision_num_heads"], hidden_size=hidden, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=model_cfg.get("tie_word_embeddings", False))
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    px = model_cfg.get("max_pixels", 112 * 56)
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": px},
+                                               patch_size=14, merge_size=2, temporal_patch_size=2)
+    processor = QwenVLImageTextProcessor(tok, image_processor)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "safegrpo_tiny.json").write_text(json.dumps({"model": model_cfg, "seed": seed}, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def load_processor(path, trust_remote_code: bool = False):
+    """The model directory's processor: transformers' own where it loads, else our image-text
+    processor (no torchvision needed) when the directory has an image processor, else the tokenizer
+    (text-only models)."""
+    from transformers import AutoProcessor, AutoTokenizer
+    has_images = (Path(path) / "preprocessor_config.json").is_file()
+    try:
+        proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if has_images and not hasattr(proc, "image_processor"):
+            raise ValueError("processor without image processor")
+    except Exception:  # transformers raises many types when torchvision is missing
+        if has_images:
+            proc = QwenVLImageTextProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+        else:
+            proc = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok = getattr(proc, "tokenizer", proc)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return proc
+
+
+def load_model(path, dtype=torch.float32, attn_implementation: str | None = None, trust_remote_code: bool = False,
+               device="cpu"):
+    """A Hugging Face model from a local directory: image-text-to-text if it has vision, else causal LM."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    kw = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    cls = AutoModelForImageTextToText if hasattr(cfg, "vision_config") else AutoModelForCausalLM
+    return cls.from_pretrained(path, **kw).to(device)

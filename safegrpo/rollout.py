@@ -1,0 +1,101 @@
+"""Batched sampling with a KV cache: G completions per prompt.
+
+    prompts [B, Lp] --prefill once--> cache --repeat G--> decode [B*G] token by token
+
+The prompt (and its images) goes through the model once per prompt (forward.py), then its cache
+is repeated G times, so vision features and prompt attention are computed B times, not B*G.
+Each step samples from softmax(logits / temperature) restricted to the top-p nucleus, never
+samples image or video placeholder ids, and stops a row at its first EOS; the loop ends when
+every row has stopped or after max_new_tokens.
+
+Returns completion ids [B*G, T] (padded with pad_id after EOS) and lengths [B*G] (first EOS
+included). `completion_mask(lengths, T)` rebuilds the mask from lengths, never from token values.
+Temperature 0 means greedy decoding (it matches `model.generate(do_sample=False)` token for token).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .forward import continuation_positions, lm_head_weight, prefill, prompt_positions, step
+
+
+@dataclass
+class Rollout:
+    completion_ids: torch.Tensor  # [B*G, T]
+    lengths: torch.Tensor         # [B*G], first EOS included
+    group_size: int
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return completion_mask(self.lengths, self.completion_ids.shape[1])
+
+
+def completion_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """[N, T] float mask: 1 for the first lengths[n] tokens."""
+    return (torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]).float()
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability mass reaches top_p (logits [N, V])."""
+    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    drop = probs.cumsum(-1) - probs > top_p          # mass before this token already reaches top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+
+
+def banned_token_ids(model, processor=None) -> list[int]:
+    """Image / video placeholder ids (and vision delimiters) that must never be sampled."""
+    ids = set()
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        v = getattr(model.config, key, None)
+        if isinstance(v, int):
+            ids.add(v)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate(model, batch: dict, group_size: int, max_new_tokens: int, eos_token_id, pad_token_id: int,
+             temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+             banned_ids: list[int] | None = None) -> Rollout:
+    """Sample group_size completions for each of the B prompts in `batch` (left-padded)."""
+    eos = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id],
+                       device=batch["input_ids"].device)
+    W = lm_head_weight(model)
+    banned = banned_ids if banned_ids is not None else banned_token_ids(model)
+    pos, next_pos = prompt_positions(model, batch)
+    last, cache = prefill(model, batch, pos)                                     # [B, H]
+    if group_size > 1:
+        cache.batch_repeat_interleave(group_size)
+    N = last.shape[0] * group_size
+    h = last.repeat_interleave(group_size, dim=0)                                # [N, H]
+    next_pos = next_pos.repeat_interleave(group_size)
+    attn = batch["attention_mask"].repeat_interleave(group_size, dim=0)          # [N, Lp]
+    out = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=h.device)
+    lengths = torch.full((N,), max_new_tokens, dtype=torch.long, device=h.device)
+    done = torch.zeros(N, dtype=torch.bool, device=h.device)
+    ones = torch.ones(N, 1, dtype=attn.dtype, device=h.device)
+    for t in range(max_new_tokens):
+        logits = (h.float() @ W.float().T)                                       # [N, V]
+        if banned:
+            logits[:, banned] = float("-inf")
+        if temperature == 0:
+            tok = logits.argmax(-1)
+        else:
+            logits = logits / temperature
+            if top_p < 1.0:
+                logits = _top_p_filter(logits, top_p)
+            tok = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+        tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
+        out[:, t] = tok
+        hit = torch.isin(tok, eos) & ~done
+        lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)
+        done |= hit
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        attn = torch.cat([attn, ones], dim=1)
+        h = step(model, tok[:, None], attn, continuation_positions(model, next_pos, 1, offset=t), cache)[:, -1]
+    T = int(lengths.max())
+    return Rollout(out[:, :T].contiguous(), lengths, group_size)

@@ -1,0 +1,438 @@
+"""The SafeGRPO training loop. `Trainer.train_step` reads top to bottom like DESIGN.md's seven steps:
+
+    1 prompts    draw B records, build step-guided chat prompts, run the processor
+    2 rollout    sample G completions per prompt with a KV cache (rollout.py)
+    3 reward     decode and score each completion with the rule reward (reward.py)
+    4 advantage  group-relative (grpo.group_advantages)
+    5 logprobs   reference (if beta > 0) and old policy (if the rollout feeds > 1 update), no grad
+    6 update     per mini-batch: clipped surrogate + beta * KL per token, token-mean over the
+                 mini-batch, backward per micro-batch, gradient clip, AdamW step
+    7 record     one JSON line in metrics.jsonl; checkpoint every save_every steps
+
+An optional warm-start (`sft`) stage trains on demonstrations first (cross-entropy on the
+completion tokens). State lives here and nowhere else; the math is in grpo.py.
+Assumes one process (distributed training: see distributed.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import synth
+from .checkpoint import latest_checkpoint, load_trainer_state, prune_checkpoints, save_checkpoint
+from .config import Config, save_config
+from .data import SafeTagRecord, load_safetag
+from .evaluation import decode_completions
+from .forward import completion_hidden, lm_head_weight
+from .grpo import aggregate, clip_fraction, group_advantages, kl_penalty, masked_mean, policy_loss
+from .logprobs import token_logprobs
+from .model import build_tiny_model_dir, load_model, load_processor
+from .prompting import encode_prompts, prompt_lengths
+from .reward import GOLD_KEYS, keyword_refusal, reward_breakdown
+from .rollout import completion_mask, generate
+
+
+class NonFiniteError(RuntimeError):
+    """Loss or gradient became NaN/inf; the run stops and writes no checkpoint of that state."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+def completion_logprobs(model, batch, completion_ids, mask, group_size, temperature=1.0, entropy=False):
+    """log pi(o_t | q, o_<t) for every completion token: [N, T] (and entropy [N, T])."""
+    h = completion_hidden(model, batch, completion_ids, mask, group_size)          # [N, T, H]
+    return token_logprobs(h, lm_head_weight(model), completion_ids, temperature, return_entropy=entropy)
+
+
+def slice_prompts(batch: dict, a: int, b: int, images_per_prompt: list[int]) -> dict:
+    """Prompts a..b-1 of an encoded batch, with their images' patches, left padding trimmed."""
+    mask = batch["attention_mask"][a:b]
+    keep = int(mask.sum(-1).max())
+    out = {k: batch[k][a:b, -keep:] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in batch}
+    if batch.get("image_grid_thw") is not None:
+        i0, i1 = sum(images_per_prompt[:a]), sum(images_per_prompt[:b])
+        patches = batch["image_grid_thw"].prod(-1)
+        p0, p1 = int(patches[:i0].sum()), int(patches[:i1].sum())
+        if i1 > i0:
+            out["image_grid_thw"] = batch["image_grid_thw"][i0:i1]
+            out["pixel_values"] = batch["pixel_values"][p0:p1]
+    return out
+
+
+class EpochSampler:
+    """Deterministic shuffled passes over n items; state is (epoch, position)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+        self._perm = self._make()
+
+    def _make(self):
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._make()
+            out.append(self._perm[self.pos])
+            self.pos += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load(self, st: dict):
+        self.epoch, self.pos = st["epoch"], st["pos"]
+        self._perm = self._make()
+
+
+def lr_lambda(warmup: int, total: int, schedule: str):
+    def f(step):
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine":
+            prog = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1 + math.cos(math.pi * prog))
+        if schedule != "constant":
+            raise ValueError(f"unknown optim.schedule {schedule!r}; use constant or cosine")
+        return 1.0
+    return f
+
+
+def refusal_rule(name: str):
+    if name == "keywords":
+        return keyword_refusal
+    try:
+        from .judge import get_judge  # the evaluation issue adds stricter judges
+        return get_judge(name)
+    except ImportError:
+        raise ValueError(f"unknown grpo.refusal_judge {name!r}") from None
+
+
+def _check_finite(value: torch.Tensor, what: str, step: int):
+    if not torch.isfinite(value).all():
+        raise NonFiniteError(f"non-finite {what} at step {step}: {value.item() if value.numel() == 1 else value}; "
+                             "stopping without writing a checkpoint of this state. Lower optim.lr, check the data, "
+                             "or resume from the last checkpoint.")
+
+
+# ------------------------------------------------------------------------------------ trainer
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.out = Path(cfg.train.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = torch.device(cfg.train.device)
+        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+        self._seed(cfg.train.seed)
+        self.train_records, self.test_records = self._load_data()
+        self.model_dir = self._model_dir()
+        self.processor = load_processor(self.model_dir, cfg.model.trust_remote_code)
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.refusal = refusal_rule(cfg.grpo.refusal_judge)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        save_config(cfg, self.out / "config.yaml")
+
+    # -------------------------------------------------------------------------------- setup
+    @staticmethod
+    def _seed(seed):
+        random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _load_data(self):
+        d = self.cfg.data
+        if not d.train:
+            root = synth.write_synth(d.synth_dir, synth.SynthConfig(d.synth.seed, d.synth.n_train, d.synth.n_test,
+                                                                       image_style=d.synth.image_style))
+            train_path, test_path = root / "train.parquet", root / "test.parquet"
+        else:
+            train_path, test_path = d.train, d.test
+        kw = dict(skip_invalid=d.skip_invalid, image_root=d.image_root or None)
+        train = load_safetag(train_path, split=d.train_split, **kw)
+        test = load_safetag(test_path, split=d.test_split, **kw) if test_path else []
+        return train, test
+
+    def _model_dir(self) -> Path:
+        m = self.cfg.model
+        if m.path:
+            if not Path(m.path).is_dir():
+                raise FileNotFoundError(f"model.path {m.path} is not a directory (a local Hugging Face model "
+                                        "directory is expected; see data/README.md)")
+            return Path(m.path)
+        tiny = Path(m.tiny_dir)
+        meta = tiny / "safegrpo_tiny.json"
+        want = {"model": vars(m.tiny), "seed": self.cfg.train.seed}
+        if not (meta.is_file() and json.loads(meta.read_text()) == want):
+            build_tiny_model_dir(tiny, vars(m.tiny), seed=self.cfg.train.seed)
+        return tiny
+
+    def _load(self, path):
+        m = load_model(path, self.dtype, self.cfg.model.attn_implementation or None,
+                       self.cfg.model.trust_remote_code, self.device)
+        if self.cfg.model.gradient_checkpointing:
+            m.gradient_checkpointing_enable()
+        return m
+
+    def _filter_overlong(self, records, name):
+        d = self.cfg.data
+        if not d.filter_overlong_prompts:
+            return records
+        lengths = prompt_lengths(self.processor, records, d.prompt_style)
+        keep = [r for r, n in zip(records, lengths) if n <= d.max_prompt_length]
+        dropped = [i for i, n in enumerate(lengths) if n > d.max_prompt_length]
+        if dropped:
+            print(f"[data] {name}: dropped {len(dropped)} prompt(s) longer than {d.max_prompt_length} tokens "
+                  f"(filter_overlong_prompts): rows {dropped[:20]}{' ...' if len(dropped) > 20 else ''}")
+        if not keep:
+            raise ValueError(f"{name}: every prompt is longer than max_prompt_length={d.max_prompt_length}")
+        return keep
+
+    def _optimizer(self, model, lr, warmup, total, schedule):
+        o = self.cfg.optim
+        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(o.betas))
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total, schedule))
+
+    # ---------------------------------------------------------------------------------- SFT
+    def sft(self, model) -> None:
+        """Warm start: cross-entropy on completion tokens, in up to two stages.
+
+        1. caption pretraining (sft.caption_steps): image + "What does the image show?" ->
+           "The image shows a X." Short sequences teach the randomly initialised vision tower and
+           the LM to name what they see, the alignment a pretrained VLM brings with it.
+        2. format warm start (sft.steps): the step-guided prompt -> the demonstrations, whose
+           tags are random, so the model learns the format and nothing about safety.
+        """
+        s = self.cfg.sft
+        demos = [r for r in self.train_records if r.meta.get("demo")]
+        if not demos:
+            raise ValueError("sft.enabled but the training records carry no 'demo' column "
+                             "(SafeTag-Synth emits them; other data needs its own demonstrations)")
+        if s.caption_steps:
+            caption_recs = [SafeTagRecord(synth.CAPTION_QUESTION, r.images, r.image_tag, r.text_tag, r.combine_tag,
+                                          {"target": synth.caption_demo(r)}) for r in demos]
+            self._cross_entropy_stage(model, caption_recs, "none", s.caption_steps, s.caption_lr, "caption")
+        if s.steps:
+            targets = [SafeTagRecord(r.prompt, r.images, r.image_tag, r.text_tag, r.combine_tag,
+                                     {"target": r.meta["demo"]}) for r in demos]
+            self._cross_entropy_stage(model, targets, self.cfg.data.prompt_style, s.steps, s.lr, "sft")
+
+    def _cross_entropy_stage(self, model, records, prompt_style, steps, lr, name):
+        s = self.cfg.sft
+        opt, sched = self._optimizer(model, lr, s.warmup_steps, steps, "cosine")
+        sampler = EpochSampler(len(records), self.cfg.train.seed + 1)
+        eos = self.tokenizer.convert_ids_to_tokens(model.generation_config.eos_token_id) \
+            if isinstance(model.generation_config.eos_token_id, int) else self.tokenizer.eos_token
+        model.train()
+        bar = tqdm(range(steps), desc=name, dynamic_ncols=True, mininterval=2)
+        with open(self.out / f"{name}_metrics.jsonl", "w") as log:
+            for step in bar:
+                recs = [records[i] for i in sampler.take(s.batch_size)]
+                batch = encode_prompts(self.processor, recs, prompt_style, self.cfg.data.max_prompt_length)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                ids, mask = self._tokenize_completions([r.meta["target"] + eos for r in recs])
+                logp = completion_logprobs(model, batch, ids, mask, 1)
+                loss = -masked_mean(logp, mask)
+                _check_finite(loss.detach(), f"{name} loss", step)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
+                opt.step()
+                sched.step()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                log.write(json.dumps({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}) + "\n")
+
+    def _tokenize_completions(self, texts):
+        enc = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        T = max(map(len, enc))
+        ids = torch.full((len(enc), T), self.tokenizer.pad_token_id, dtype=torch.long)
+        for i, e in enumerate(enc):
+            ids[i, :len(e)] = torch.tensor(e)
+        lengths = torch.tensor([len(e) for e in enc])
+        return ids.to(self.device), completion_mask(lengths, T).to(self.device)
+
+    # --------------------------------------------------------------------------------- GRPO
+    def setup_grpo(self, init_path, resume: bool):
+        c = self.cfg
+        tr = c.train
+        if tr.prompts_per_step % tr.mini_batch_prompts or tr.mini_batch_prompts % tr.micro_batch_prompts:
+            raise ValueError("train.prompts_per_step must be a multiple of train.mini_batch_prompts, and that a "
+                             "multiple of train.micro_batch_prompts")
+        self.train_records = self._filter_overlong(self.train_records, "train")
+        ckpt = latest_checkpoint(self.out / "checkpoints") if resume else None
+        self.policy = self._load(ckpt or init_path)
+        self.ref = None
+        if c.grpo.beta > 0:
+            self.ref = self._load(init_path).eval()
+            self.ref.requires_grad_(False)
+        self.opt, self.sched = self._optimizer(self.policy, c.optim.lr, c.optim.warmup_steps, tr.steps,
+                                               c.optim.schedule)
+        self.sampler = EpochSampler(len(self.train_records), tr.seed)
+        self.start_step = 0
+        if ckpt is not None:
+            st = load_trainer_state(ckpt, self.opt, self.generator)
+            self.sched.load_state_dict(st["scheduler"])
+            self.sampler.load(st["sampler"])
+            random.setstate(_to_tuple(st["python_random"]))
+            self.start_step = st["step"]
+            self._truncate_metrics(self.start_step)
+            print(f"[resume] from {ckpt} (step {self.start_step})")
+        elif (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()
+
+    def _truncate_metrics(self, step):
+        f = self.out / "metrics.jsonl"
+        if f.exists():
+            lines = [l for l in f.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+            tmp = f.with_suffix(".tmp")
+            tmp.write_text("".join(l + "\n" for l in lines))
+            os.replace(tmp, f)
+
+    def train_step(self, step: int) -> dict:
+        c, G = self.cfg, self.cfg.rollout.group_size
+        # 1. prompts -------------------------------------------------------------------------
+        idx = self.sampler.take(c.train.prompts_per_step)
+        recs = [self.train_records[i] for i in idx]
+        batch = {k: v.to(self.device) for k, v in
+                 encode_prompts(self.processor, recs, c.data.prompt_style, c.data.max_prompt_length, idx).items()}
+        n_img = [len(r.images) for r in recs]
+        # 2. rollout -------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        self.policy.eval()
+        ro = generate(self.policy, batch, G, c.rollout.max_new_tokens, self.policy.generation_config.eos_token_id,
+                      self.tokenizer.pad_token_id, c.rollout.temperature, c.rollout.top_p, self.generator)
+        ids, mask = ro.completion_ids, ro.mask                                          # [N, T]
+        t_rollout = time.perf_counter() - t0
+        # 3. reward --------------------------------------------------------------------------
+        texts = decode_completions(self.tokenizer, ids, ro.lengths)
+        gold = [r.tags for r in recs for _ in range(G)]
+        parts = [reward_breakdown(t, g, self.refusal) for t, g in zip(texts, gold)]
+        rewards = torch.tensor([p["total"] for p in parts], dtype=torch.float32)       # [N]
+        # 4. advantage -----------------------------------------------------------------------
+        adv = group_advantages(rewards, G, c.grpo.adv_scale, c.grpo.adv_eps).to(self.device)
+        # 5. logprobs without grad: reference and old policy ----------------------------------
+        t0 = time.perf_counter()
+        mb, mu = c.train.mini_batch_prompts, c.train.micro_batch_prompts
+        n_updates = c.train.prompts_per_step // mb
+        micro = [(a, min(a + mu, len(recs))) for a in range(0, len(recs), mu)]
+        ref_logp = self._no_grad_logprobs(self.ref, batch, ids, mask, n_img, micro) if self.ref is not None else None
+        old_logp = self._no_grad_logprobs(self.policy, batch, ids, mask, n_img, micro) if n_updates > 1 else None
+        t_ref = time.perf_counter() - t0
+        # 6. update --------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        self.policy.train()
+        stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
+        for u in range(n_updates):
+            self.opt.zero_grad(set_to_none=True)
+            lo, hi = u * mb * G, (u + 1) * mb * G
+            n_tok = mask[lo:hi].sum()
+            for a, b in [(a, b) for a, b in micro if u * mb <= a < (u + 1) * mb]:
+                rows = slice(a * G, b * G)
+                m = mask[rows]
+                logp, ent = completion_logprobs(self.policy, slice_prompts(batch, a, b, n_img), ids[rows], m, G,
+                                                c.rollout.temperature or 1.0, entropy=True)
+                old = old_logp[rows] if old_logp is not None else logp.detach()
+                per_tok = policy_loss(logp, old, adv[rows], m, c.grpo.clip_low, c.grpo.clip_high, c.grpo.dual_clip)
+                if ref_logp is not None:
+                    kl = kl_penalty(logp, ref_logp[rows], c.grpo.kl_estimator)
+                    per_tok = per_tok + c.grpo.beta * kl * m
+                    stats["kl"] += (kl.detach() * m).sum().item() / mask.sum().item()
+                loss = self._micro_loss(per_tok, m, n_tok, (b - a) * G, mb * G)
+                _check_finite(loss.detach(), "loss", step)
+                loss.backward()
+                stats["loss"] += loss.item() / n_updates
+                stats["entropy"] += (ent * m).sum().item() / mask.sum().item()
+                stats["clip_frac"] += clip_fraction(logp.detach(), old, adv[rows], m, c.grpo.clip_low,
+                                                    c.grpo.clip_high).item() * m.sum().item() / mask.sum().item()
+            gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.optim.grad_clip)
+            _check_finite(gn, "gradient norm", step)
+            stats["grad_norm"] += gn.item() / n_updates
+            self.opt.step()
+            self.sched.step()
+        t_update = time.perf_counter() - t0
+        # 7. record --------------------------------------------------------------------------
+        return self._metrics(step, parts, gold, rewards, ro, stats, t_rollout, t_ref, t_update, batch)
+
+    def _micro_loss(self, per_tok, m, n_tok, micro_rows, mini_rows):
+        """This micro-batch's share of the mini-batch loss (so shares add up exactly)."""
+        agg, nc = self.cfg.grpo.loss_agg, self.cfg.grpo.norm_constant
+        if agg == "token-mean":
+            return aggregate(per_tok, m, agg, norm_constant=n_tok.clamp(min=1))
+        if agg == "seq-mean-token-mean":
+            return aggregate(per_tok, m, agg, norm_constant=mini_rows)
+        return aggregate(per_tok, m, agg, norm_constant=nc or self.cfg.rollout.max_new_tokens) * micro_rows / mini_rows
+
+    @torch.no_grad()
+    def _no_grad_logprobs(self, model, batch, ids, mask, n_img, micro):
+        was = model.training
+        model.eval()
+        G = self.cfg.rollout.group_size
+        out = torch.cat([completion_logprobs(model, slice_prompts(batch, a, b, n_img), ids[a * G:b * G],
+                                             mask[a * G:b * G], G, self.cfg.rollout.temperature or 1.0)
+                         for a, b in micro])
+        model.train(was)
+        return out
+
+    def _metrics(self, step, parts, gold, rewards, ro, stats, t_rollout, t_ref, t_update, batch):
+        G = self.cfg.rollout.group_size
+        n = len(parts)
+        lengths = ro.lengths.float()
+        tags = {"visual": "visual_safe", "text": "text_safe", "combined": "combined_safe"}
+        zero_std = (rewards.view(-1, G).std(-1) == 0).float().mean().item()
+        n_tokens = float(lengths.sum()) + float(batch["attention_mask"].sum())
+        t_all = t_rollout + t_ref + t_update
+        m = {"step": step + 1,
+             "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+             "reward/format": sum(p["format"] for p in parts) / n,
+             "reward/tag": sum(p["tag"] for p in parts) / n,
+             "reward/behavior": sum(p["behavior"] for p in parts) / n}
+        for short, tag in tags.items():
+            m[f"tag_acc/{short}"] = sum(p["pred"][tag] == g[GOLD_KEYS[tag]] for p, g in zip(parts, gold)) / n
+        m.update({"kl": stats["kl"], "clip_frac": stats["clip_frac"], "entropy": stats["entropy"],
+                  "loss": stats["loss"], "grad_norm": stats["grad_norm"], "lr": self.sched.get_last_lr()[0],
+                  "response_len/mean": lengths.mean().item(), "response_len/max": lengths.max().item(),
+                  "frac_truncated": (ro.lengths >= self.cfg.rollout.max_new_tokens).float().mean().item(),
+                  "frac_zero_std_groups": zero_std,
+                  "time/rollout": t_rollout, "time/ref": t_ref, "time/update": t_update,
+                  "tokens_per_s": n_tokens / t_all if t_all > 0 else 0.0})
+        return m
+
+    def fit(self, resume: bool = False, init_path=None) -> Path:
+        """Run GRPO for train.steps steps (from the last checkpoint when resume); returns final ckpt."""
+        c = self.cfg
+        self.setup_grpo(init_path or self.model_dir, resume)
+        bar = tqdm(range(self.start_step, c.train.steps), desc="safegrpo", dynamic_ncols=True, mininterval=2,
+                   initial=self.start_step, total=c.train.steps)
+        last = latest_checkpoint(self.out / "checkpoints")
+        for step in bar:
+            m = self.train_step(step)
+            with open(self.out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(m) + "\n")
+            bar.set_postfix(reward=f"{m['reward/mean']:.3f}", comb=f"{m['tag_acc/combined']:.2f}",
+                            kl=f"{m['kl']:.4f}")
+            if (step + 1) % c.train.save_every == 0 or step + 1 == c.train.steps:
+                last = self.save(step + 1)
+        return last
+
+    def save(self, step) -> Path:
+        state = {"sampler": self.sampler.state(), "scheduler": self.sched.state_dict(),
+                 "python_random": random.getstate(), "init_path": str(self.model_dir)}
+        p = save_checkpoint(self.out / "checkpoints", step, self.policy, self.processor, self.opt, state,
+                            self.generator)
+        prune_checkpoints(self.out / "checkpoints", 3)
+        return p
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(i) for i in x) if isinstance(x, list) else x

@@ -1,0 +1,141 @@
+"""Rollout against transformers' generate, and the prompt-once forward against a full forward."""
+import pytest
+import torch
+
+from safegrpo.data import load_parquet
+from safegrpo.forward import completion_hidden, lm_head_weight
+from safegrpo.logprobs import token_logprobs
+from safegrpo.model import load_model, load_processor
+from safegrpo.prompting import encode_prompts
+from safegrpo.rollout import completion_mask, generate
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, synth_dir):
+    model = load_model(tiny_model_dir).eval()
+    proc = load_processor(tiny_model_dir)
+    recs = load_parquet(synth_dir / "test.parquet", limit=5)
+    batch = encode_prompts(proc, recs, "compact")
+    return model, proc, recs, batch
+
+
+def ids_of(model, proc):
+    return model.generation_config.eos_token_id, proc.tokenizer.pad_token_id
+
+
+def test_prompts_are_left_padded_with_images(setup):
+    model, proc, recs, batch = setup
+    assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"][:, 0].all()
+    assert batch["image_grid_thw"].shape == (5, 3) and batch["mm_token_type_ids"].sum() == 5 * 8
+
+
+def test_greedy_equals_generate(setup):
+    model, proc, recs, batch = setup
+    eos, pad = ids_of(model, proc)
+    ours = generate(model, batch, 1, 24, eos, pad, temperature=0)
+    ref = model.generate(**batch, max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    ref = ref[:, batch["input_ids"].shape[1]:]
+    T = ours.completion_ids.shape[1]
+    assert torch.equal(ours.completion_ids, ref[:, :T])
+    grouped = generate(model, batch, 3, 24, eos, pad, temperature=0)      # G copies of the same greedy output
+    assert torch.equal(grouped.completion_ids[::3], ours.completion_ids)
+    assert torch.equal(grouped.completion_ids[2::3], ours.completion_ids)
+
+
+def test_sampling_is_reproducible_and_stops_at_eos(setup):
+    model, proc, recs, batch = setup
+    eos, pad = ids_of(model, proc)
+    # make EOS likely so some rows stop early
+    W = lm_head_weight(model)
+    saved = W.data[eos].clone()
+    W.data[eos] = W.data.mean(0) + 0.02 * torch.randn_like(saved)
+    try:
+        a = generate(model, batch, 4, 30, eos, pad, 1.0, 0.9, torch.Generator().manual_seed(7))
+        b = generate(model, batch, 4, 30, eos, pad, 1.0, 0.9, torch.Generator().manual_seed(7))
+        c = generate(model, batch, 4, 30, eos, pad, 1.0, 0.9, torch.Generator().manual_seed(8))
+    finally:
+        W.data[eos] = saved
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.lengths, b.lengths)
+    assert not torch.equal(a.completion_ids, c.completion_ids)
+    assert a.completion_ids.shape[0] == 20
+    for row, n in zip(a.completion_ids, a.lengths.tolist()):
+        hits = (row == eos).nonzero().flatten().tolist()
+        if hits:
+            assert hits[0] == n - 1                                      # first EOS included in the length
+            assert (row[n:] == pad).all()                                # nothing sampled after it
+        else:
+            assert n == 30
+    assert torch.equal(a.mask, completion_mask(a.lengths, a.completion_ids.shape[1]))
+    assert (a.lengths < 30).any()
+
+
+def test_placeholder_ids_are_never_sampled(setup):
+    model, proc, recs, batch = setup
+    eos, pad = ids_of(model, proc)
+    W = lm_head_weight(model)
+    img = model.config.image_token_id
+    saved = W.data[img].clone()
+    W.data[img] = 50 * W.data[img] / W.data[img].norm()                  # the placeholder dominates the logits
+    try:
+        ro = generate(model, batch, 2, 10, eos, pad, 1.0, 1.0, torch.Generator().manual_seed(0))
+    finally:
+        W.data[img] = saved
+    assert not (ro.completion_ids == img).any()
+    assert not (ro.completion_ids == model.config.video_token_id).any()
+
+
+def test_prompt_once_forward_matches_full_sequence(setup):
+    """Logits at position t score token t+1 of the concatenated prompt + completion."""
+    model, proc, recs, batch = setup
+    eos, pad = ids_of(model, proc)
+    G = 2
+    ro = generate(model, batch, G, 12, eos, pad, 1.0, 1.0, torch.Generator().manual_seed(3))
+    ids, mask = ro.completion_ids, ro.mask
+    h = completion_hidden(model, batch, ids, mask, G)
+    ours = token_logprobs(h, lm_head_weight(model), ids)
+    # naive: each prompt repeated G times, full forward through transformers, full logits
+    rep = {k: v.repeat_interleave(G, 0) for k, v in batch.items() if k in ("input_ids", "attention_mask",
+                                                                           "mm_token_type_ids")}
+    full_ids = torch.cat([rep["input_ids"], ids], 1)
+    full_mask = torch.cat([rep["attention_mask"], mask.long()], 1)
+    mm = torch.cat([rep["mm_token_type_ids"], torch.zeros_like(ids, dtype=torch.int32)], 1)
+    pix = torch.cat([batch["pixel_values"][i * 32:(i + 1) * 32] for i in range(5) for _ in range(G)])
+    grid = batch["image_grid_thw"].repeat_interleave(G, 0)
+    with torch.no_grad():
+        logits = model(input_ids=full_ids, attention_mask=full_mask, mm_token_type_ids=mm, pixel_values=pix,
+                       image_grid_thw=grid).logits
+    Lp = batch["input_ids"].shape[1]
+    naive = torch.log_softmax(logits[:, Lp - 1:-1].float(), -1).gather(-1, ids[..., None]).squeeze(-1)
+    assert torch.allclose(ours * mask, naive * mask, atol=1e-5)
+
+
+def test_text_only_causal_lm(tmp_path):
+    """The same engine on a plain causal LM (no images)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from safegrpo.model import tiny_corpus, train_tokenizer
+    tok = train_tokenizer(tiny_corpus(), 600)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, proc = load_model(tmp_path).eval(), load_processor(tmp_path)
+    from safegrpo.data import SafeTagRecord
+    recs = [SafeTagRecord("How do I keep this clean?", [], "safe", "safe", "safe"),
+            SafeTagRecord("Write a short poem.", [], "safe", "safe", "safe")]
+    batch = encode_prompts(proc, recs, "compact")
+    eos, pad = cfg.eos_token_id, tok.pad_token_id
+    ours = generate(model, batch, 1, 16, eos, pad, temperature=0)
+    ref = model.generate(**batch, max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    assert torch.equal(ours.completion_ids, ref[:, batch["input_ids"].shape[1]:][:, :ours.completion_ids.shape[1]])
+    h = completion_hidden(model, batch, ours.completion_ids, ours.mask, 1)
+    lp = token_logprobs(h, lm_head_weight(model), ours.completion_ids)
+    full = torch.cat([batch["input_ids"], ours.completion_ids], 1)
+    fmask = torch.cat([batch["attention_mask"], ours.mask.long()], 1)
+    pos = (fmask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=full, attention_mask=fmask, position_ids=pos).logits
+    Lp = batch["input_ids"].shape[1]
+    naive = torch.log_softmax(logits[:, Lp - 1:-1], -1).gather(-1, ours.completion_ids[..., None]).squeeze(-1)
+    assert torch.allclose(lp * ours.mask, naive * ours.mask, atol=1e-5)

@@ -1,0 +1,142 @@
+"""The trainer end to end on tiny data: learning happens, kill-and-resume is exact, bad states stop."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from safegrpo.checkpoint import latest_checkpoint
+from safegrpo.config import load_config
+from safegrpo.trainer import NonFiniteError, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(tmp, model_dir, synth_dir, **over):
+    cfg = {
+        "model": {"path": str(model_dir)},
+        "data": {"train": str(synth_dir / "train.parquet"), "test": str(synth_dir / "test.parquet"),
+                 "prompt_style": "compact", "max_prompt_length": 128},
+        "rollout": {"group_size": 4, "max_new_tokens": 12},
+        "optim": {"lr": 1e-3},
+        "train": {"out_dir": str(tmp / "run"), "steps": 4, "prompts_per_step": 4, "mini_batch_prompts": 2,
+                  "micro_batch_prompts": 1, "save_every": 1, "eval_limit": 4, "seed": 0},
+    }
+    for k, v in over.items():
+        sec, key = k.split(".")
+        cfg.setdefault(sec, {})[key] = v
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def rows(run_dir):
+    out = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out.append({k: v for k, v in r.items() if not k.startswith("time/") and k != "tokens_per_s"})
+    return out
+
+
+def run_train(cfg_path, *extra):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(cfg_path), *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_kill_and_resume_gives_the_same_metrics(tmp_path, tiny_model_dir, synth_dir):
+    a = tmp_path / "a"
+    a.mkdir()
+    done = run_train(tiny_cfg(a, tiny_model_dir, synth_dir, **{"train.steps": 5}))
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = rows(a / "run")
+    assert [r["step"] for r in reference] == [1, 2, 3, 4, 5]
+
+    b = tmp_path / "b"
+    b.mkdir()
+    cfg = tiny_cfg(b, tiny_model_dir, synth_dir, **{"train.steps": 5})
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(cfg)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck = b / "run" / "checkpoints"
+    t0 = time.time()
+    while not (ck / "step_2").is_dir() and proc.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest_checkpoint(ck) is not None and latest_checkpoint(ck).name in {"step_2", "step_3", "step_4"}
+    resumed = run_train(cfg, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[resume]" in resumed.stdout
+    assert rows(b / "run") == reference
+
+
+def test_interrupted_checkpoint_write_is_ignored(tmp_path, tiny_model_dir):
+    root = tmp_path / "checkpoints"
+    (root / "step_3").mkdir(parents=True)
+    (root / "step_3" / "trainer_state.json").write_text("{}")
+    (root / ".step_4.tmp-123").mkdir()                      # a write killed before its rename
+    (root / ".step_4.tmp-123" / "model.safetensors").write_bytes(b"partial")
+    (root / "step_5").mkdir()                               # no trainer_state.json: not a checkpoint
+    assert latest_checkpoint(root).name == "step_3"
+    assert not (root / ".step_4.tmp-123").exists()
+
+
+def test_overlong_prompt_names_the_row_or_is_filtered(tmp_path, tiny_model_dir, synth_dir, capsys):
+    cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"data.max_prompt_length": 20,
+                                                                        "train.steps": 1}))
+    tr = Trainer(cfg)
+    tr.setup_grpo(tiny_model_dir, resume=False)
+    with pytest.raises(ValueError, match=r"prompt of row \d+ has \d+ tokens, more than max_prompt_length=20"):
+        tr.train_step(0)
+    cfg.data.filter_overlong_prompts = True
+    tr = Trainer(cfg)
+    with pytest.raises(ValueError, match="every prompt is longer than max_prompt_length=20"):
+        tr.setup_grpo(tiny_model_dir, resume=False)
+    assert "dropped 3000 prompt(s)" in capsys.readouterr().out
+
+
+def test_non_finite_loss_stops_without_checkpoint(tmp_path, tiny_model_dir, synth_dir):
+    cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"train.steps": 2}))
+    tr = Trainer(cfg)
+    tr.setup_grpo(tiny_model_dir, resume=False)
+    with torch.no_grad():
+        tr.policy.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="non-finite .* at step 0"):
+        tr.fit.__func__  # noqa: B018  (fit would call setup again; drive the loop's step directly)
+        tr.train_step(0)
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints") is None
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("grpo:\n  betta: 0.1\n")
+    with pytest.raises(ValueError, match="unknown config key grpo.betta"):
+        load_config(p)
+
+
+def test_reward_rises_on_a_tiny_set(tmp_path, tiny_model_dir, synth_dir):
+    """Warm-start on 8 demonstrations (format, random tags), then GRPO: the mean reward rises."""
+    from safegrpo.data import load_parquet, write_parquet
+    recs = load_parquet(synth_dir / "train.parquet", limit=8)
+    write_parquet(recs, tmp_path / "small.parquet")
+    cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{
+        "data.train": str(tmp_path / "small.parquet"), "data.test": "",
+        "rollout.group_size": 8, "rollout.max_new_tokens": 80, "optim.lr": 2e-3, "grpo.beta": 0.0,
+        "train.steps": 16, "train.prompts_per_step": 8, "train.mini_batch_prompts": 8,
+        "train.micro_batch_prompts": 8, "train.save_every": 100}))
+    cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr, cfg.sft.warmup_steps = 80, 8, 3e-3, 5
+    tr = Trainer(cfg)
+    model = tr._load(tiny_model_dir)
+    tr.sft(model)
+    model.save_pretrained(tmp_path / "sft")
+    tr.processor.save_pretrained(tmp_path / "sft")
+    tr.fit(init_path=tmp_path / "sft")
+    r = [m["reward/mean"] for m in rows(tmp_path / "run")]
+    assert r[0] > 0.1                                                  # the warm start follows the format
+    assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.15, r                  # and GRPO raises the reward
+    assert rows(tmp_path / "run")[-1]["tag_acc/combined"] > rows(tmp_path / "run")[0]["tag_acc/combined"]

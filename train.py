@@ -1,0 +1,86 @@
+"""Train a vision-language model with SafeGRPO.
+
+    python train.py --config configs/tiny.yaml [--set key=value ...] [--resume]
+
+Steps: generate/load data, build or load the model, optional warm-start SFT, greedy evaluation
+of the starting policy on the test split, SafeGRPO, evaluation again, a before/after table,
+and a PNG of the reward curves. Everything lands in train.out_dir.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from safegrpo.config import load_config
+from safegrpo.evaluation import comparison_table, evaluate
+from safegrpo.plots import plot_rewards
+from safegrpo.trainer import NonFiniteError, Trainer
+
+
+def _eval(trainer, model, name):
+    cfg = trainer.cfg
+    recs = trainer.test_records[:cfg.train.eval_limit or None]
+    if not recs:
+        return None
+    path = trainer.out / f"eval_{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    t0 = time.time()
+    metrics, completions = evaluate(model, trainer.processor, recs, cfg.data.prompt_style, cfg.rollout.max_new_tokens,
+                                    refusal=trainer.refusal, desc=f"eval {name}")
+    metrics["seconds"] = round(time.time() - t0, 1)
+    path.write_text(json.dumps(metrics, indent=1))
+    with open(trainer.out / f"eval_{name}_samples.jsonl", "w") as fh:
+        for r, c in list(zip(recs, completions))[:50]:
+            fh.write(json.dumps({"prompt": r.prompt, "tags": r.tags, "meta": {k: v for k, v in r.meta.items()
+                                                                               if k != "demo"},
+                                 "completion": c}) + "\n")
+    return metrics
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.out_dir")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    t_start = time.time()
+    trainer = Trainer(cfg)
+    print(f"[data] train {len(trainer.train_records)} records, test {len(trainer.test_records)}; "
+          f"model {trainer.model_dir}; run {trainer.out}")
+    init = trainer.model_dir
+    if cfg.sft.enabled and cfg.sft.steps > 0:
+        sft_dir = trainer.out / "sft"
+        if not (args.resume and (sft_dir / "config.json").is_file()):
+            model = trainer._load(trainer.model_dir)
+            t0 = time.time()
+            trainer.sft(model)
+            print(f"[sft] {cfg.sft.steps} steps in {time.time() - t0:.0f} s")
+            tmp = sft_dir.with_name("sft.tmp")
+            model.save_pretrained(tmp)
+            trainer.processor.save_pretrained(tmp)
+            import os
+            import shutil
+            shutil.rmtree(sft_dir, ignore_errors=True)
+            os.replace(tmp, sft_dir)
+        init = sft_dir
+    before = _eval(trainer, trainer._load(init), "before")
+    try:
+        final = trainer.fit(resume=args.resume, init_path=init)
+    except NonFiniteError as e:
+        print(f"[error] {e}", file=sys.stderr)
+        return 2
+    plot = plot_rewards(trainer.out / "metrics.jsonl", trainer.out / "reward_curves.png")
+    after = _eval(trainer, trainer.policy, "after")
+    print(f"\nfinal checkpoint: {final}\nreward curves: {plot}\nwall time: {time.time() - t_start:.0f} s")
+    if before and after:
+        table = comparison_table({"warm start (before)": before, "SafeGRPO (after)": after})
+        (trainer.out / "eval_table.md").write_text(table)
+        print(f"\nHeld-out test split ({after['n']} items, greedy):\n{table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
