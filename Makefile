@@ -27,3 +27,6 @@ test: $(STAMP)
 
 clean:
 	rm -rf runs data/synth data/tiny_model
+
+bench: $(STAMP)
+	$(PY) bench/bench_reward.py

@@ -59,6 +59,7 @@ class DataConfig:
     prompt_style: str = "safegrpo"
     max_prompt_length: int = 2048
     filter_overlong_prompts: bool = False
+    balance_combined: bool = False      # GRPO draws half its prompts from combine_tag=safe, half from unsafe
     skip_invalid: bool = False
     image_root: str = ""
 
@@ -83,6 +84,8 @@ class GRPOConfig:
     loss_agg: str = "token-mean"
     norm_constant: float = 0.0          # for seq-mean-token-sum-norm; 0 = max_new_tokens
     refusal_judge: str = "keywords"     # refusal rule of the behaviour reward
+    entropy_coef: float = 0.0           # entropy bonus per token (the paper: 0)
+    freeze_vision_tower: bool = False   # keep the vision encoder fixed during GRPO (a common VLM-RL option)
 
 
 @dataclass

@@ -7,8 +7,8 @@ a GRPO step. `token_logprobs` never builds it: the forward pass walks the rows i
 keeps only each row's log-sum-exp; the backward pass recomputes each chunk's logits and turns
 them into gradients at once,
     d logp[n] / d logits[n] = (onehot(target) - softmax) / T,
-so peak memory is one chunk x V, whatever batch x length. Entropy is returned alongside, without
-gradient, for logging.
+so peak memory is one chunk x V, whatever batch x length. Entropy is returned alongside, for
+logging, or with its gradient -p (log p + H) for an entropy bonus.
 
 Assumes hidden [..., H], lm_head weight [V, H] (no bias), targets [...] of token ids. Alignment
 (hidden at position t scores token t+1) is the caller's; `shift_for_next_token` does it.
@@ -40,14 +40,14 @@ class _FusedLogProbs(torch.autograd.Function):
             logp[s:s + chunk_size] = logits.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1) - c_lse
             logits.sub_(c_lse[:, None])                                      # now log-probs
             entropy[s:s + chunk_size] = -(logits.exp() * logits).sum(-1)
-        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy):
-        hidden, weight, targets, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        with_entropy = grad_entropy is not None and bool(grad_entropy.any())
         T, C = ctx.temperature, ctx.chunk_size
         w32 = weight.float()
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -58,9 +58,14 @@ class _FusedLogProbs(torch.autograd.Function):
             if T != 1.0:
                 logits.div_(T)
             g = grad_logp[s:s + C].float()                                   # [C]
+            logits.sub_(lse[s:s + C, None])                                  # log-probs [C, V]
+            probs = torch.exp(logits)
             # d logp / d logits = onehot - softmax; chain with g and 1/T
-            dlogits = torch.exp(logits - lse[s:s + C, None]).mul_(-g[:, None])
+            dlogits = probs * -g[:, None]
             dlogits.scatter_add_(-1, targets[s:s + C, None], g[:, None])
+            if with_entropy:  # d H / d logits = -p (log p + H)
+                ge = grad_entropy[s:s + C].float()
+                dlogits -= probs * (logits + entropy[s:s + C, None]) * ge[:, None]
             if T != 1.0:
                 dlogits.div_(T)
             if grad_hidden is not None:
@@ -71,11 +76,13 @@ class _FusedLogProbs(torch.autograd.Function):
 
 
 def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
-                   temperature: float = 1.0, chunk_size: int | None = None, return_entropy: bool = False):
+                   temperature: float = 1.0, chunk_size: int | None = None, return_entropy: bool = False,
+                   entropy_grad: bool = False):
     """log p(targets | hidden) under softmax(hidden @ W.T / temperature), in fp32.
 
-    hidden [..., H], lm_head_weight [V, H], targets [...] -> logp [...] (and entropy [...], no
-    grad, when return_entropy). Gradients flow to hidden and weight; memory is one chunk x V.
+    hidden [..., H], lm_head_weight [V, H], targets [...] -> logp [...] (and entropy [...] when
+    return_entropy; differentiable only with entropy_grad, for an entropy bonus). Gradients flow
+    to hidden and weight; memory is one chunk x V.
     """
     lead = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -85,6 +92,8 @@ def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: 
     chunk = chunk_size or _default_chunk(lm_head_weight.shape[0])
     logp, ent = _FusedLogProbs.apply(h, lm_head_weight, t, float(temperature), int(chunk))
     logp, ent = logp.view(lead), ent.view(lead)
+    if not entropy_grad:
+        ent = ent.detach()
     return (logp, ent) if return_entropy else logp
 
 

@@ -79,6 +79,8 @@ def generate(model, batch: dict, group_size: int, max_new_tokens: int, eos_token
     ones = torch.ones(N, 1, dtype=attn.dtype, device=h.device)
     for t in range(max_new_tokens):
         logits = (h.float() @ W.float().T)                                       # [N, V]
+        if not bool(torch.isfinite(logits).all()):
+            raise FloatingPointError(f"non-finite logits at decode step {t}")
         if banned:
             logits[:, banned] = float("-inf")
         if temperature == 0:

@@ -44,10 +44,12 @@ class NonFiniteError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------ helpers
-def completion_logprobs(model, batch, completion_ids, mask, group_size, temperature=1.0, entropy=False):
+def completion_logprobs(model, batch, completion_ids, mask, group_size, temperature=1.0, entropy=False,
+                        entropy_grad=False):
     """log pi(o_t | q, o_<t) for every completion token: [N, T] (and entropy [N, T])."""
     h = completion_hidden(model, batch, completion_ids, mask, group_size)          # [N, T, H]
-    return token_logprobs(h, lm_head_weight(model), completion_ids, temperature, return_entropy=entropy)
+    return token_logprobs(h, lm_head_weight(model), completion_ids, temperature, return_entropy=entropy,
+                          entropy_grad=entropy_grad)
 
 
 def slice_prompts(batch: dict, a: int, b: int, images_per_prompt: list[int]) -> dict:
@@ -91,6 +93,31 @@ class EpochSampler:
     def load(self, st: dict):
         self.epoch, self.pos = st["epoch"], st["pos"]
         self._perm = self._make()
+
+
+class BalancedSampler:
+    """Half of each draw from one pool of indices, half from the other (e.g. combined-safe and
+    combined-unsafe records), each pool an EpochSampler; counters the majority-label shortcut."""
+
+    def __init__(self, pools: list[list[int]], seed: int):
+        if any(not p for p in pools):
+            raise ValueError("data.balance_combined needs records with both combine_tag values")
+        self.pools = pools
+        self.samplers = [EpochSampler(len(p), seed + 7919 * k) for k, p in enumerate(pools)]
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        for j in range(k):
+            pool = j % len(self.pools)
+            out.append(self.pools[pool][self.samplers[pool].take(1)[0]])
+        return out
+
+    def state(self) -> dict:
+        return {"pools": [s.state() for s in self.samplers]}
+
+    def load(self, st: dict):
+        for s, ps in zip(self.samplers, st["pools"]):
+            s.load(ps)
 
 
 def lr_lambda(warmup: int, total: int, schedule: str):
@@ -250,7 +277,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
                 opt.step()
                 sched.step()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 log.write(json.dumps({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}) + "\n")
 
     def _tokenize_completions(self, texts):
@@ -272,13 +299,22 @@ class Trainer:
         self.train_records = self._filter_overlong(self.train_records, "train")
         ckpt = latest_checkpoint(self.out / "checkpoints") if resume else None
         self.policy = self._load(ckpt or init_path)
+        if c.grpo.freeze_vision_tower:
+            visual = getattr(getattr(self.policy, "model", None), "visual", None)
+            if visual is None:
+                raise ValueError("grpo.freeze_vision_tower is set but the model has no vision tower (model.visual)")
+            visual.requires_grad_(False)
         self.ref = None
         if c.grpo.beta > 0:
             self.ref = self._load(init_path).eval()
             self.ref.requires_grad_(False)
         self.opt, self.sched = self._optimizer(self.policy, c.optim.lr, c.optim.warmup_steps, tr.steps,
                                                c.optim.schedule)
-        self.sampler = EpochSampler(len(self.train_records), tr.seed)
+        if c.data.balance_combined:
+            pools = [[i for i, r in enumerate(self.train_records) if r.combine_tag == t] for t in ("safe", "unsafe")]
+            self.sampler = BalancedSampler(pools, tr.seed)
+        else:
+            self.sampler = EpochSampler(len(self.train_records), tr.seed)
         self.start_step = 0
         if ckpt is not None:
             st = load_trainer_state(ckpt, self.opt, self.generator)
@@ -310,8 +346,12 @@ class Trainer:
         # 2. rollout -------------------------------------------------------------------------
         t0 = time.perf_counter()
         self.policy.eval()
-        ro = generate(self.policy, batch, G, c.rollout.max_new_tokens, self.policy.generation_config.eos_token_id,
-                      self.tokenizer.pad_token_id, c.rollout.temperature, c.rollout.top_p, self.generator)
+        try:
+            ro = generate(self.policy, batch, G, c.rollout.max_new_tokens, self.policy.generation_config.eos_token_id,
+                          self.tokenizer.pad_token_id, c.rollout.temperature, c.rollout.top_p, self.generator)
+        except FloatingPointError as e:
+            raise NonFiniteError(f"non-finite policy at step {step} ({e}); stopping without writing a checkpoint "
+                                 "of this state. Lower optim.lr or resume from the last checkpoint.") from None
         ids, mask = ro.completion_ids, ro.mask                                          # [N, T]
         t_rollout = time.perf_counter() - t0
         # 3. reward --------------------------------------------------------------------------
@@ -341,13 +381,17 @@ class Trainer:
                 rows = slice(a * G, b * G)
                 m = mask[rows]
                 logp, ent = completion_logprobs(self.policy, slice_prompts(batch, a, b, n_img), ids[rows], m, G,
-                                                c.rollout.temperature or 1.0, entropy=True)
+                                                c.rollout.temperature or 1.0, entropy=True,
+                                                entropy_grad=c.grpo.entropy_coef > 0)
                 old = old_logp[rows] if old_logp is not None else logp.detach()
                 per_tok = policy_loss(logp, old, adv[rows], m, c.grpo.clip_low, c.grpo.clip_high, c.grpo.dual_clip)
                 if ref_logp is not None:
                     kl = kl_penalty(logp, ref_logp[rows], c.grpo.kl_estimator)
                     per_tok = per_tok + c.grpo.beta * kl * m
                     stats["kl"] += (kl.detach() * m).sum().item() / mask.sum().item()
+                if c.grpo.entropy_coef > 0:
+                    per_tok = per_tok - c.grpo.entropy_coef * ent * m
+                    ent = ent.detach()
                 loss = self._micro_loss(per_tok, m, n_tok, (b - a) * G, mb * G)
                 _check_finite(loss.detach(), "loss", step)
                 loss.backward()
@@ -420,7 +464,7 @@ class Trainer:
             with open(self.out / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(m) + "\n")
             bar.set_postfix(reward=f"{m['reward/mean']:.3f}", comb=f"{m['tag_acc/combined']:.2f}",
-                            kl=f"{m['kl']:.4f}")
+                            kl=f"{m['kl']:.4f}", refresh=False)
             if (step + 1) % c.train.save_every == 0 or step + 1 == c.train.steps:
                 last = self.save(step + 1)
         return last

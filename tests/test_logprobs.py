@@ -54,3 +54,16 @@ def test_next_token_alignment_against_full_sequence():
             logits = hidden[b, t] @ w.T
             expected = torch.log_softmax(logits, -1)[ids[b, t + 1]]
             assert torch.allclose(lp[b, t], expected, atol=1e-5)
+
+
+def test_entropy_gradient_matches_naive():
+    torch.manual_seed(3)
+    h = torch.randn(4, 6, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    t = torch.randint(0, 20, (4, 6))
+    lp, ent = token_logprobs(h, w, t, temperature=0.8, chunk_size=5, return_entropy=True, entropy_grad=True)
+    g1, g2 = torch.randn(4, 6), torch.randn(4, 6)
+    gh, gw = torch.autograd.grad((lp * g1 + ent * g2).sum(), (h, w))
+    ref, ref_ent = naive(h, w, t, 0.8)
+    rh, rw = torch.autograd.grad((ref * g1 + ref_ent * g2).sum(), (h, w))
+    assert torch.allclose(gh, rh, atol=1e-5) and torch.allclose(gw, rw, atol=1e-5)

@@ -104,11 +104,14 @@ def test_non_finite_loss_stops_without_checkpoint(tmp_path, tiny_model_dir, synt
     cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"train.steps": 2}))
     tr = Trainer(cfg)
     tr.setup_grpo(tiny_model_dir, resume=False)
-    with torch.no_grad():
-        tr.policy.lm_head.weight[0, 0] = float("nan")
-    with pytest.raises(NonFiniteError, match="non-finite .* at step 0"):
-        tr.fit.__func__  # noqa: B018  (fit would call setup again; drive the loop's step directly)
+    with torch.no_grad():                      # a broken reference: the rollout works, the KL term is NaN
+        tr.ref.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="non-finite loss at step 0"):
         tr.train_step(0)
+    with torch.no_grad():                      # a broken policy: caught in the rollout
+        tr.policy.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="non-finite policy at step 1"):
+        tr.train_step(1)
     assert latest_checkpoint(tmp_path / "run" / "checkpoints") is None
 
 
@@ -120,16 +123,19 @@ def test_unknown_config_key_is_named(tmp_path):
 
 
 def test_reward_rises_on_a_tiny_set(tmp_path, tiny_model_dir, synth_dir):
-    """Warm-start on 8 demonstrations (format, random tags), then GRPO: the mean reward rises."""
+    """Warm-start on 8 demonstrations (format, random tags), then GRPO: the mean reward rises.
+    The 8 records share one SafeTag group (visual safe, text unsafe, combined unsafe), so the
+    right tags differ by position and the warm start writes them at random."""
     from safegrpo.data import load_parquet, write_parquet
-    recs = load_parquet(synth_dir / "train.parquet", limit=8)
+    recs = [r for r in load_parquet(synth_dir / "train.parquet", limit=200)
+            if r.meta["group"] == "safe/unsafe/unsafe"][:8]
     write_parquet(recs, tmp_path / "small.parquet")
     cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{
         "data.train": str(tmp_path / "small.parquet"), "data.test": "",
-        "rollout.group_size": 8, "rollout.max_new_tokens": 80, "optim.lr": 2e-3, "grpo.beta": 0.0,
-        "train.steps": 16, "train.prompts_per_step": 8, "train.mini_batch_prompts": 8,
+        "rollout.group_size": 8, "rollout.max_new_tokens": 80, "optim.lr": 3e-4, "optim.warmup_steps": 2,
+        "grpo.beta": 0.0, "train.steps": 16, "train.prompts_per_step": 8, "train.mini_batch_prompts": 8,
         "train.micro_batch_prompts": 8, "train.save_every": 100}))
-    cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr, cfg.sft.warmup_steps = 80, 8, 3e-3, 5
+    cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr, cfg.sft.warmup_steps = 200, 8, 3e-3, 5
     tr = Trainer(cfg)
     model = tr._load(tiny_model_dir)
     tr.sft(model)

@@ -1,0 +1,60 @@
+"""Reward speed: our linear-time rule vs the straightforward regex version of the same rule.
+
+    python bench/bench_reward.py        (also run by `make bench`)
+
+Scores realistic completions (well-formed, broken, long, adversarial) with both and prints
+completions per second and the ratio; results go to bench/results.json under "reward".
+"""
+import json
+import random
+import time
+from pathlib import Path
+
+from safegrpo.reward import compute_score, reference_breakdown
+
+GOLD = {"image_tag": "safe", "text_tag": "safe", "combine_tag": "unsafe"}
+
+
+def completions(n=2000, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        v, t, c = (rng.choice(["safe", "unsafe"]) for _ in range(3))
+        body = (f"<think>1. The image shows a bridge, a high place. 2. <visual_safe>{v}</visual_safe> "
+                f"3. The user asks: what is the quickest way down from the top of this. <text_safe>{t}</text_safe> "
+                f"4. <combined_safe>{c}</combined_safe> 5. The overall risk is high.</think>\n"
+                f"<answer>{rng.choice(['Sorry, I cannot help with that.', 'Sure, here is how.'])}</answer>")
+        kind = i % 10
+        if kind == 7:
+            body = body.replace("</think>", "")                          # broken format
+        elif kind == 8:
+            body = body * 40                                              # long, repeated tags
+        elif kind == 9:
+            body = "<visual_safe>safe</visual_safe><text_safe>safe</text_safe>" * 200 + "</think> x"  # adversarial
+        out.append(body)
+    return out
+
+
+def rate(fn, texts, repeat=3):
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for s in texts:
+            fn(s, GOLD)
+        best = min(best, time.perf_counter() - t0)
+    return len(texts) / best
+
+
+def main():
+    texts = completions()
+    ours, regex = rate(compute_score, texts), rate(reference_breakdown, texts)
+    res = {"ours_per_s": round(ours), "regex_per_s": round(regex), "speedup": round(ours / regex, 2)}
+    print(f"reward: ours {ours:,.0f} completions/s, regex {regex:,.0f} completions/s, ratio {ours / regex:.2f}x")
+    path = Path(__file__).with_name("results.json")
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data["reward"] = res
+    path.write_text(json.dumps(data, indent=1))
+
+
+if __name__ == "__main__":
+    main()
