@@ -110,4 +110,5 @@ GOLD = st.fixed_dictionaries({k: st.sampled_from(["safe", "unsafe", " SAFE "]) f
 def test_fast_path_equals_regex_reference(text, gold):
     fast, ref = reward_breakdown(text, gold), reference_breakdown(text, gold)
     assert fast == ref
+    assert compute_score(text, gold) == ref["total"]
     assert fast["total"] in {0.0, 0.25, 0.375, 0.5, 0.75, 0.875, 1.0}
