@@ -30,3 +30,6 @@ clean:
 
 bench: $(STAMP)
 	$(PY) bench/bench_reward.py
+
+eval: $(STAMP)
+	$(PY) eval.py --config $(CONFIG)
