@@ -134,13 +134,10 @@ def lr_lambda(warmup: int, total: int, schedule: str):
 
 
 def refusal_rule(name: str):
+    """The refusal detector of the behaviour reward (grpo.refusal_judge)."""
     if name == "keywords":
         return keyword_refusal
-    try:
-        from .judge import get_judge  # the evaluation issue adds stricter judges
-        return get_judge(name)
-    except ImportError:
-        raise ValueError(f"unknown grpo.refusal_judge {name!r}") from None
+    raise ValueError(f"unknown grpo.refusal_judge {name!r}; available: keywords")
 
 
 def _check_finite(value: torch.Tensor, what: str, step: int):
