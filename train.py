@@ -8,9 +8,10 @@ and a PNG of the reward curves. Everything lands in train.out_dir.
 """
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
-from pathlib import Path
 
 from safegrpo.config import load_config
 from safegrpo.evaluation import comparison_table, evaluate
@@ -61,8 +62,6 @@ def main(argv=None):
             tmp = sft_dir.with_name("sft.tmp")
             model.save_pretrained(tmp)
             trainer.processor.save_pretrained(tmp)
-            import os
-            import shutil
             shutil.rmtree(sft_dir, ignore_errors=True)
             os.replace(tmp, sft_dir)
         init = sft_dir

@@ -63,7 +63,7 @@ def generate(model, batch: dict, group_size: int, max_new_tokens: int, eos_token
     """Sample group_size completions for each of the B prompts in `batch` (left-padded)."""
     eos = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id],
                        device=batch["input_ids"].device)
-    W = lm_head_weight(model)
+    W = lm_head_weight(model).float()                                            # [V, H], cast once
     banned = banned_ids if banned_ids is not None else banned_token_ids(model)
     pos, next_pos = prompt_positions(model, batch)
     last, cache = prefill(model, batch, pos)                                     # [B, H]
@@ -78,9 +78,9 @@ def generate(model, batch: dict, group_size: int, max_new_tokens: int, eos_token
     done = torch.zeros(N, dtype=torch.bool, device=h.device)
     ones = torch.ones(N, 1, dtype=attn.dtype, device=h.device)
     for t in range(max_new_tokens):
-        logits = (h.float() @ W.float().T)                                       # [N, V]
-        if not bool(torch.isfinite(logits).all()):
-            raise FloatingPointError(f"non-finite logits at decode step {t}")
+        logits = h.float() @ W.T                                                 # [N, V]
+        if t == 0 and not bool(torch.isfinite(logits).all()):  # a broken policy shows at once
+            raise FloatingPointError("non-finite logits at the first decode step")
         if banned:
             logits[:, banned] = float("-inf")
         if temperature == 0:
