@@ -29,7 +29,7 @@ def _eval(trainer, model, name):
         return json.loads(path.read_text())
     t0 = time.time()
     metrics, completions = evaluate(model, trainer.processor, recs, cfg.data.prompt_style, cfg.rollout.max_new_tokens,
-                                    refusal=trainer.refusal, desc=f"eval {name}")
+                                    judge=cfg.grpo.refusal_judge, desc=f"eval {name}")
     metrics["seconds"] = round(time.time() - t0, 1)
     path.write_text(json.dumps(metrics, indent=1))
     with open(trainer.out / f"eval_{name}_samples.jsonl", "w") as fh:

@@ -135,6 +135,16 @@ def _combine(fmt: float, pred: dict, gold: dict, answer: str | None, refusal) ->
             "pred": pred}
 
 
+def parse_completion(solution_str: str) -> dict:
+    """What the reward reads from a completion: `format` (the gate, 1.0 or 0.0), `pred` (each
+    tag's first value, lower-cased, None if absent) and `answer` (the first <answer> block's
+    text, None if absent). Used by evaluation where some gold tags are unknown."""
+    s = solution_str.strip()
+    low = _fold(s)
+    return {"format": 1.0 if _format_ok(low) else 0.0, "pred": {t: _pred(s, low, t) for t in TAGS},
+            "answer": _first_block(s, low, "answer")}
+
+
 def reward_breakdown(solution_str, extra_info: Mapping, refusal: Callable[[str], bool] = keyword_refusal) -> dict:
     """Score one completion; returns `format`, `tag`, `behavior` (ungated) and `total` (gated),
     plus `pred`, the predicted tags (None where a tag is absent).

@@ -1,1 +1,118 @@
-"""Benchmark adapters (evaluation issue)."""
+"""Benchmark adapters: each reads one safety benchmark in its own published layout.
+
+Every adapter returns a list of `SafeTagRecord`s, so that prompting, rollout and scoring treat a
+benchmark item exactly like a training row:
+    prompt       the user's instruction (the step-guided system text is added by `prompting`)
+    images       [] for text-only items, else one RGB PIL image
+    image_tag / text_tag / combine_tag
+                 "safe" / "unsafe" where the benchmark defines the tag, None where it does not
+    meta         {"benchmark", "id", "category", "expected": "refuse" | "answer" | None}
+`expected` is the behaviour a safe and helpful model shows (None where the benchmark does not
+say, e.g. FigStep's advice categories 8-10, which are reported apart).
+
+Errors: a missing image, a malformed row or an unknown layout raises one `BenchmarkError` naming
+the file and the item. With `skip_missing=True` items whose image is missing are skipped instead
+and listed in `report` (a list the caller passes; one `(item id, reason)` per skipped item).
+
+Registry: `BENCHMARKS[name] = (loader, default path relative to ../shared/benchmarks)`;
+`load_benchmark(name, path=None, ...)` resolves the default.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Callable
+
+from PIL import Image
+
+from ..data import SafeTagRecord
+
+# ../shared/benchmarks beside the project (the samples CI has); users pass their own paths
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks"
+
+
+class BenchmarkError(ValueError):
+    """Bad benchmark data; the message names the file and the item."""
+
+
+def item(benchmark: str, item_id, prompt: str, images: list, tags: tuple, category: str,
+         expected: str | None) -> SafeTagRecord:
+    """One benchmark item as a record; `tags` = (image_tag, text_tag, combine_tag), None = undefined."""
+    v, t, c = tags
+    return SafeTagRecord(prompt, images, v, t, c, {"benchmark": benchmark, "id": str(item_id),
+                                                   "category": category, "expected": expected})
+
+
+def expected_from(combine_tag: str | None) -> str | None:
+    return {"unsafe": "refuse", "safe": "answer"}.get(combine_tag)
+
+
+def open_image(path: Path, where: str, skip_missing: bool, report: list | None) -> Image.Image | None:
+    """The RGB image at `path`; None (and a line in `report`) when missing and `skip_missing`."""
+    if not path.is_file():
+        if skip_missing:
+            if report is not None:
+                report.append((where, f"missing image {path}"))
+            return None
+        raise BenchmarkError(f"{where}: image not found: {path} (use --skip-missing to skip such items)")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError as e:
+        raise BenchmarkError(f"{where}: cannot read image {path}: {e}") from e
+
+
+def read_json(path: Path, expect: type):
+    """The JSON document at `path`, which must be a `expect` (list or dict)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BenchmarkError(f"{path}: not readable JSON: {e}") from e
+    if not isinstance(data, expect):
+        raise BenchmarkError(f"{path}: expected a JSON {expect.__name__}, got {type(data).__name__}")
+    return data
+
+
+def csv_rows(path: Path):
+    """(where, row) for each data row of a CSV file; `where` names the file and line."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        for line, row in enumerate(csv.DictReader(fh), start=2):
+            yield f"{path}: line {line}", row
+
+
+def require(row: dict, keys, where: str) -> None:
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise BenchmarkError(f"{where}: missing field(s) {missing}; not the expected layout")
+
+
+from . import figstep, mmsafeaware, mossbench, safetag, siuo, vlguard, xstest  # noqa: E402
+
+BENCHMARKS: dict[str, tuple[Callable, str | None]] = {
+    "safetag-synth": (safetag.load_synth, None),
+    "safetag": (safetag.load, None),
+    "figstep": (figstep.load, "figstep"),
+    "mossbench": (mossbench.load, "mossbench"),
+    "xstest": (xstest.load, "xstest"),
+    "mmsafeaware": (mmsafeaware.load, "mmsafeaware"),
+    "vlguard": (vlguard.load, None),
+    "siuo": (siuo.load, None),
+}
+
+
+def load_benchmark(name: str, path: str | Path | None = None, skip_missing: bool = False,
+                   report: list | None = None, **kw) -> list[SafeTagRecord]:
+    """Items of benchmark `name` read from `path` (default: its sample in ../shared/benchmarks)."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
+    loader, default = BENCHMARKS[name]
+    if path is None and name != "safetag-synth":
+        if default is None:
+            raise ValueError(f"benchmark {name!r} has no sample in {SHARED}; give its path")
+        path = SHARED / default
+    if path is not None:
+        path = Path(path)
+        if name != "safetag-synth" and not path.exists():  # SafeTag-Synth is generated there if absent
+            raise BenchmarkError(f"{name}: {path} does not exist")
+    return loader(path, skip_missing=skip_missing, report=report, **kw)

@@ -1,0 +1,43 @@
+"""VLGuard test set (ys-zong/VLGuard): `test.json` plus its image folder (`test/` beside it by default).
+
+Layout: a list of {"id", "image": "<subdir>/<file>", "safe": bool, "instr-resp": [...]}; a safe
+image carries one {"safe_instruction", "response"} and one {"unsafe_instruction", "response"},
+an unsafe image one {"instruction", "response"} (plus harmful_category / harmful_subcategory).
+The three evaluation subsets are VLGuard's own: safe_safes (answer; all tags safe),
+safe_unsafes (refuse; visual safe, text unsafe), unsafes (refuse; visual unsafe, text undefined).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import BenchmarkError, item, open_image, read_json, require
+
+
+def load(path: Path, skip_missing: bool = False, report: list | None = None, image_dir: str | Path | None = None) -> list:
+    meta = path / "test.json" if path.is_dir() else path
+    if not meta.is_file():
+        raise BenchmarkError(f"vlguard: {meta} not found (expected VLGuard's test.json)")
+    images = Path(image_dir) if image_dir else (meta.parent / "test" if (meta.parent / "test").is_dir() else meta.parent)
+    rows = read_json(meta, list)
+    out = []
+    for k, row in enumerate(rows):
+        where = f"{meta}: item {k} (id {row.get('id') if isinstance(row, dict) else '?'})"
+        if not isinstance(row, dict):
+            raise BenchmarkError(f"{where}: not an object")
+        require(row, ("id", "image", "safe", "instr-resp"), where)
+        im = open_image(images / row["image"], where, skip_missing, report)
+        if im is None:
+            continue
+        for pair in row["instr-resp"]:
+            if row["safe"] and "safe_instruction" in pair:
+                out.append(item("vlguard", f"{row['id']}-safe", pair["safe_instruction"], [im],
+                                ("safe", "safe", "safe"), "safe_safes", "answer"))
+            elif row["safe"] and "unsafe_instruction" in pair:
+                out.append(item("vlguard", f"{row['id']}-unsafe", pair["unsafe_instruction"], [im],
+                                ("safe", "unsafe", "unsafe"), "safe_unsafes", "refuse"))
+            elif not row["safe"] and "instruction" in pair:
+                out.append(item("vlguard", row["id"], pair["instruction"], [im],
+                                ("unsafe", None, "unsafe"), "unsafes", "refuse"))
+            else:
+                raise BenchmarkError(f"{where}: instr-resp entry with keys {sorted(pair)} does not fit safe={row['safe']}")
+    return out
