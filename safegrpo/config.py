@@ -34,7 +34,8 @@ class ModelConfig:
     path: str = ""                      # local HF model directory; empty = build the tiny default
     tiny_dir: str = "data/tiny_model"   # where the tiny default is built
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    dtype: str = "float32"              # float32 | bfloat16
+    dtype: str = "float32"              # weights: float32 | bfloat16
+    autocast: str = ""                  # "" | bf16: fp32 weights, bf16 matmuls (log-probs stay fp32)
     attn_implementation: str = ""       # "" = transformers' default (sdpa); flash_attention_2 on GPU
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
@@ -83,7 +84,7 @@ class GRPOConfig:
     adv_eps: float = 1e-6
     loss_agg: str = "token-mean"
     norm_constant: float = 0.0          # for seq-mean-token-sum-norm; 0 = max_new_tokens
-    refusal_judge: str = "keywords"     # refusal rule of the behaviour reward
+    refusal_judge: str = "keywords"     # refusal rule of the behaviour reward: keywords (paper) | strict
     entropy_coef: float = 0.0           # entropy bonus per token (the paper: 0)
     freeze_vision_tower: bool = False   # keep the vision encoder fixed during GRPO (a common VLM-RL option)
 

@@ -24,6 +24,8 @@ def _default_chunk(vocab: int) -> int:
 
 class _FusedLogProbs(torch.autograd.Function):
     @staticmethod
+    @torch.autocast("cuda", enabled=False)   # fp32 log-probs even inside a bf16 autocast region
+    @torch.autocast("cpu", enabled=False)
     def forward(ctx, hidden, weight, targets, temperature, chunk_size):
         # hidden [N, H], weight [V, H], targets [N]
         w32 = weight.float()
@@ -45,6 +47,8 @@ class _FusedLogProbs(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @torch.autocast("cuda", enabled=False)
+    @torch.autocast("cpu", enabled=False)
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
         with_entropy = grad_entropy is not None and bool(grad_entropy.any())

@@ -135,13 +135,23 @@ def load_processor(path, trust_remote_code: bool = False):
     return proc
 
 
+def default_attention(device) -> str:
+    """FlashAttention-2 on a CUDA device when flash_attn is importable, else PyTorch SDPA."""
+    if torch.device(device).type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
 def load_model(path, dtype=torch.float32, attn_implementation: str | None = None, trust_remote_code: bool = False,
                device="cpu"):
     """A Hugging Face model from a local directory: image-text-to-text if it has vision, else causal LM."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     kw = dict(dtype=dtype, trust_remote_code=trust_remote_code)
-    if attn_implementation:
-        kw["attn_implementation"] = attn_implementation
+    kw["attn_implementation"] = attn_implementation or default_attention(device)
     cls = AutoModelForImageTextToText if hasattr(cfg, "vision_config") else AutoModelForCausalLM
     return cls.from_pretrained(path, **kw).to(device)

@@ -73,12 +73,14 @@ def generate(model, batch: dict, group_size: int, max_new_tokens: int, eos_token
     h = last.repeat_interleave(group_size, dim=0)                                # [N, H]
     next_pos = next_pos.repeat_interleave(group_size)
     attn = batch["attention_mask"].repeat_interleave(group_size, dim=0)          # [N, Lp]
+    Lp = attn.shape[1]
+    attn = torch.cat([attn, attn.new_ones(N, max_new_tokens)], dim=1)            # [N, Lp + T], allocated once
     out = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=h.device)
     lengths = torch.full((N,), max_new_tokens, dtype=torch.long, device=h.device)
     done = torch.zeros(N, dtype=torch.bool, device=h.device)
-    ones = torch.ones(N, 1, dtype=attn.dtype, device=h.device)
     for t in range(max_new_tokens):
-        logits = h.float() @ W.T                                                 # [N, V]
+        with torch.autocast(h.device.type, enabled=False):                      # sample from fp32 logits
+            logits = h.float() @ W.T                                             # [N, V]
         if t == 0 and not bool(torch.isfinite(logits).all()):  # a broken policy shows at once
             raise FloatingPointError("non-finite logits at the first decode step")
         if banned:
@@ -97,7 +99,7 @@ def generate(model, batch: dict, group_size: int, max_new_tokens: int, eos_token
         done |= hit
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        attn = torch.cat([attn, ones], dim=1)
-        h = step(model, tok[:, None], attn, continuation_positions(model, next_pos, 1, offset=t), cache)[:, -1]
+        h = step(model, tok[:, None], attn[:, :Lp + t + 1], continuation_positions(model, next_pos, 1, offset=t),
+                 cache)[:, -1]
     T = int(lengths.max())
     return Rollout(out[:, :T].contiguous(), lengths, group_size)

@@ -35,7 +35,8 @@ from .grpo import aggregate, clip_fraction, group_advantages, kl_penalty, masked
 from .logprobs import token_logprobs
 from .model import build_tiny_model_dir, load_model, load_processor
 from .prompting import encode_prompts, prompt_lengths
-from .reward import GOLD_KEYS, keyword_refusal, reward_breakdown
+from .judge import refusal_rule
+from .reward import GOLD_KEYS, reward_breakdown
 from .rollout import completion_mask, generate
 
 
@@ -133,13 +134,6 @@ def lr_lambda(warmup: int, total: int, schedule: str):
     return f
 
 
-def refusal_rule(name: str):
-    """The refusal detector of the behaviour reward (grpo.refusal_judge)."""
-    if name == "keywords":
-        return keyword_refusal
-    raise ValueError(f"unknown grpo.refusal_judge {name!r}; available: keywords")
-
-
 def _check_finite(value: torch.Tensor, what: str, step: int):
     if not torch.isfinite(value).all():
         raise NonFiniteError(f"non-finite {what} at step {step}: {value.item() if value.numel() == 1 else value}; "
@@ -157,6 +151,8 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.device = torch.device(cfg.train.device)
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+        if cfg.model.autocast not in ("", "bf16"):
+            raise ValueError(f"model.autocast must be '' or 'bf16', got {cfg.model.autocast!r}")
         self._seed(cfg.train.seed)
         self.train_records, self.test_records = self._load_data()
         self.model_dir = self._model_dir()
@@ -199,6 +195,10 @@ class Trainer:
             build_tiny_model_dir(tiny, vars(m.tiny), seed=self.cfg.train.seed)
         return tiny
 
+    def amp(self):
+        """bf16 autocast around model forwards when model.autocast is set (else a no-op)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.model.autocast == "bf16")
+
     def _load(self, path):
         m = load_model(path, self.dtype, self.cfg.model.attn_implementation or None,
                        self.cfg.model.trust_remote_code, self.device)
@@ -236,7 +236,11 @@ class Trainer:
            "The image shows a X." Short sequences teach the randomly initialised vision tower and
            the LM to name what they see, the alignment a pretrained VLM brings with it.
         2. format warm start (sft.steps): the step-guided prompt -> the demonstrations, whose
-           tags are random, so the model learns the format and nothing about safety.
+           tags are random, so the model learns the format and nothing about safety. For
+           SafeTag-Synth rows the tags are drawn afresh each time a row is used: a fixed random
+           draw per row would be memorised over the epochs, leaving the warm start with
+           confident, input-dependent wrong tags (little exploration, associations GRPO must
+           first unlearn) instead of an even coin on every tag.
         """
         s = self.cfg.sft
         demos = [r for r in self.train_records if r.meta.get("demo")]
@@ -248,14 +252,16 @@ class Trainer:
                                           {"target": synth.caption_demo(r)}) for r in demos]
             self._cross_entropy_stage(model, caption_recs, "none", s.caption_steps, s.caption_lr, "caption")
         if s.steps:
+            fresh = lambda r: (lambda rng: synth.demonstration(r, rng)) if r.meta.get("concept") else r.meta["demo"]
             targets = [SafeTagRecord(r.prompt, r.images, r.image_tag, r.text_tag, r.combine_tag,
-                                     {"target": r.meta["demo"]}) for r in demos]
+                                     {"target": fresh(r)}) for r in demos]
             self._cross_entropy_stage(model, targets, self.cfg.data.prompt_style, s.steps, s.lr, "sft")
 
     def _cross_entropy_stage(self, model, records, prompt_style, steps, lr, name):
         s = self.cfg.sft
         opt, sched = self._optimizer(model, lr, s.warmup_steps, steps, "cosine")
         sampler = EpochSampler(len(records), self.cfg.train.seed + 1)
+        rng = random.Random(self.cfg.train.seed + 2)  # draws for targets given as rng -> text
         eos = self.tokenizer.convert_ids_to_tokens(model.generation_config.eos_token_id) \
             if isinstance(model.generation_config.eos_token_id, int) else self.tokenizer.eos_token
         model.train()
@@ -265,8 +271,10 @@ class Trainer:
                 recs = [records[i] for i in sampler.take(s.batch_size)]
                 batch = encode_prompts(self.processor, recs, prompt_style, self.cfg.data.max_prompt_length)
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                ids, mask = self._tokenize_completions([r.meta["target"] + eos for r in recs])
-                logp = completion_logprobs(model, batch, ids, mask, 1)
+                targets = [t(rng) if callable(t) else t for t in (r.meta["target"] for r in recs)]
+                ids, mask = self._tokenize_completions([t + eos for t in targets])
+                with self.amp():
+                    logp = completion_logprobs(model, batch, ids, mask, 1)
                 loss = -masked_mean(logp, mask)
                 _check_finite(loss.detach(), f"{name} loss", step)
                 opt.zero_grad(set_to_none=True)
@@ -344,8 +352,9 @@ class Trainer:
         t0 = time.perf_counter()
         self.policy.eval()
         try:
-            ro = generate(self.policy, batch, G, c.rollout.max_new_tokens, self.policy.generation_config.eos_token_id,
-                          self.tokenizer.pad_token_id, c.rollout.temperature, c.rollout.top_p, self.generator)
+            with self.amp():
+                ro = generate(self.policy, batch, G, c.rollout.max_new_tokens, self.policy.generation_config.eos_token_id,
+                              self.tokenizer.pad_token_id, c.rollout.temperature, c.rollout.top_p, self.generator)
         except FloatingPointError as e:
             raise NonFiniteError(f"non-finite policy at step {step} ({e}); stopping without writing a checkpoint "
                                  "of this state. Lower optim.lr or resume from the last checkpoint.") from None
@@ -377,9 +386,10 @@ class Trainer:
             for a, b in [(a, b) for a, b in micro if u * mb <= a < (u + 1) * mb]:
                 rows = slice(a * G, b * G)
                 m = mask[rows]
-                logp, ent = completion_logprobs(self.policy, slice_prompts(batch, a, b, n_img), ids[rows], m, G,
-                                                c.rollout.temperature or 1.0, entropy=True,
-                                                entropy_grad=c.grpo.entropy_coef > 0)
+                with self.amp():
+                    logp, ent = completion_logprobs(self.policy, slice_prompts(batch, a, b, n_img), ids[rows], m, G,
+                                                    c.rollout.temperature or 1.0, entropy=True,
+                                                    entropy_grad=c.grpo.entropy_coef > 0)
                 old = old_logp[rows] if old_logp is not None else logp.detach()
                 per_tok = policy_loss(logp, old, adv[rows], m, c.grpo.clip_low, c.grpo.clip_high, c.grpo.dual_clip)
                 if ref_logp is not None:
@@ -419,9 +429,10 @@ class Trainer:
         was = model.training
         model.eval()
         G = self.cfg.rollout.group_size
-        out = torch.cat([completion_logprobs(model, slice_prompts(batch, a, b, n_img), ids[a * G:b * G],
-                                             mask[a * G:b * G], G, self.cfg.rollout.temperature or 1.0)
-                         for a, b in micro])
+        with self.amp():
+            out = torch.cat([completion_logprobs(model, slice_prompts(batch, a, b, n_img), ids[a * G:b * G],
+                                                 mask[a * G:b * G], G, self.cfg.rollout.temperature or 1.0)
+                             for a, b in micro])
         model.train(was)
         return out
 
@@ -446,7 +457,9 @@ class Trainer:
                   "frac_truncated": (ro.lengths >= self.cfg.rollout.max_new_tokens).float().mean().item(),
                   "frac_zero_std_groups": zero_std,
                   "time/rollout": t_rollout, "time/ref": t_ref, "time/update": t_update,
-                  "tokens_per_s": n_tokens / t_all if t_all > 0 else 0.0})
+                  "tokens_per_s": n_tokens / t_all if t_all > 0 else 0.0,
+                  "tokens/completion": float(lengths.sum()), "tokens/prompt": float(batch["attention_mask"].sum()),
+                  "tokens/image": float(batch["image_grid_thw"].prod(-1).sum()) if "image_grid_thw" in batch else 0.0})
         return m
 
     def fit(self, resume: bool = False, init_path=None) -> Path:

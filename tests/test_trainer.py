@@ -133,7 +133,7 @@ def test_reward_rises_on_a_tiny_set(tmp_path, tiny_model_dir, synth_dir):
     cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{
         "data.train": str(tmp_path / "small.parquet"), "data.test": "",
         "rollout.group_size": 8, "rollout.max_new_tokens": 80, "optim.lr": 3e-4, "optim.warmup_steps": 2,
-        "grpo.beta": 0.0, "train.steps": 16, "train.prompts_per_step": 8, "train.mini_batch_prompts": 8,
+        "grpo.beta": 0.0, "train.steps": 24, "train.prompts_per_step": 8, "train.mini_batch_prompts": 8,
         "train.micro_batch_prompts": 8, "train.save_every": 100}))
     cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr, cfg.sft.warmup_steps = 200, 8, 3e-3, 5
     tr = Trainer(cfg)
