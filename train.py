@@ -1,10 +1,12 @@
 """Train a vision-language model with SafeGRPO.
 
     python train.py --config configs/tiny.yaml [--set key=value ...] [--resume]
+    torchrun --nproc_per_node N train.py --config ...      (FSDP2 over N processes, see distributed.py)
 
 Steps: generate/load data, build or load the model, optional warm-start SFT, greedy evaluation
 of the starting policy on the test split, SafeGRPO, evaluation again, a before/after table,
-and a PNG of the reward curves. Everything lands in train.out_dir.
+and a PNG of the reward curves. Everything lands in train.out_dir. Under torchrun, rank 0 alone
+runs the warm start and the evaluations and writes files; all ranks train.
 """
 import argparse
 import json
@@ -16,6 +18,7 @@ import time
 from safegrpo.config import load_config
 from safegrpo.evaluation import comparison_table, evaluate
 from safegrpo.plots import plot_rewards
+from safegrpo import distributed as dist
 from safegrpo.trainer import NonFiniteError, Trainer
 
 
@@ -47,14 +50,18 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.out_dir")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    cfg.train.device = str(dist.init_from_env(cfg.train.device))   # torchrun: join the process group
     t_start = time.time()
     trainer = Trainer(cfg)
-    print(f"[data] train {len(trainer.train_records)} records, test {len(trainer.test_records)}; "
+    main_rank = dist.is_main()
+    say = print if main_rank else (lambda *a, **k: None)
+    say(f"[world] {dist.world_size()} process(es), device {cfg.train.device}")
+    say(f"[data] train {len(trainer.train_records)} records, test {len(trainer.test_records)}; "
           f"model {trainer.model_dir}; run {trainer.out}")
     init = trainer.model_dir
     if cfg.sft.enabled and cfg.sft.steps > 0:
         sft_dir = trainer.out / "sft"
-        if not (args.resume and (sft_dir / "config.json").is_file()):
+        if main_rank and not (args.resume and (sft_dir / "config.json").is_file()):   # rank 0; the others wait
             model = trainer._load(trainer.model_dir)
             t0 = time.time()
             trainer.sft(model)
@@ -64,15 +71,19 @@ def main(argv=None):
             trainer.processor.save_pretrained(tmp)
             shutil.rmtree(sft_dir, ignore_errors=True)
             os.replace(tmp, sft_dir)
+        dist.barrier()
         init = sft_dir
-    before = _eval(trainer, trainer._load(init), "before")
+    before = _eval(trainer, trainer._load(init), "before") if main_rank else None
+    dist.barrier()
     try:
         final = trainer.fit(resume=args.resume, init_path=init)
     except NonFiniteError as e:
         print(f"[error] {e}", file=sys.stderr)
         return 2
+    if not main_rank:
+        return 0
     plot = plot_rewards(trainer.out / "metrics.jsonl", trainer.out / "reward_curves.png")
-    after = _eval(trainer, trainer.policy, "after")
+    after = _eval(trainer, trainer.policy if not dist.active() else trainer._load(final), "after")
     print(f"\nfinal checkpoint: {final}\nreward curves: {plot}\nwall time: {time.time() - t_start:.0f} s")
     if before and after:
         table = comparison_table({"warm start (before)": before, "SafeGRPO (after)": after})

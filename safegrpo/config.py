@@ -94,6 +94,7 @@ class OptimConfig:
     lr: float = 1e-6
     weight_decay: float = 0.01
     betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
     grad_clip: float = 1.0
     warmup_steps: int = 0
     schedule: str = "constant"          # constant | cosine

@@ -70,45 +70,69 @@ def tiny_corpus() -> list[str]:
     return texts
 
 
-def build_tiny_model_dir(out_dir, model_cfg: dict, seed: int = 0) -> Path:
-    """Build and save the tiny Qwen2-VL model + tokenizer + processor to out_dir (atomically)."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def _tiny_vl_config(family: str, model_cfg: dict, ids: dict, vocab: int):
+    """A small config of one Qwen-VL family (same code path as the released checkpoints)."""
+    import transformers
+    hidden, heads = model_cfg["hidden_size"], model_cfg["num_attention_heads"]
+    head_dim = hidden // heads
+    section = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]  # Qwen's 16/24/24 split of head_dim/2
+    section[0] += head_dim // 2 - sum(section)
+    tie = model_cfg.get("tie_word_embeddings", False)
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=model_cfg["intermediate_size"],
+                num_hidden_layers=model_cfg["num_hidden_layers"], num_attention_heads=heads,
+                num_key_value_heads=model_cfg.get("num_key_value_heads", heads), max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=tie)
+    depth, width, vheads = model_cfg["vision_depth"], model_cfg["vision_embed_dim"], model_cfg["vision_num_heads"]
+    special = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                   tie_word_embeddings=tie)
+    if family == "qwen2_vl":
+        vision = dict(depth=depth, embed_dim=width, num_heads=vheads, hidden_size=hidden, mlp_ratio=2,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **special)
+    if family == "qwen2_5_vl":
+        vision = dict(depth=depth, hidden_size=width, intermediate_size=2 * width, num_heads=vheads,
+                      out_hidden_size=hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                      window_size=56, fullatt_block_indexes=[depth - 1])
+        return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
+    if family == "qwen3_vl":
+        text.update(head_dim=head_dim, rope_parameters={**text["rope_parameters"], "mrope_interleaved": True})
+        vision = dict(depth=depth, hidden_size=width, intermediate_size=2 * width, num_heads=vheads,
+                      out_hidden_size=hidden, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                      num_position_embeddings=64, deepstack_visual_indexes=[depth - 1])
+        return transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **special)
+    raise ValueError(f"unknown model family {family!r}; available: {', '.join(FAMILIES)}")
+
+
+def build_tiny_model_dir(out_dir, model_cfg: dict, seed: int = 0, family: str = "qwen2_vl") -> Path:
+    """Build and save a tiny Qwen-VL model (family: qwen2_vl, the default; qwen2_5_vl; qwen3_vl)
+    + tokenizer + processor to out_dir (atomically)."""
+    from transformers import AutoModelForImageTextToText
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     out = Path(out_dir)
     torch.manual_seed(seed)
     tok = train_tokenizer(tiny_corpus(), model_cfg.get("vocab_size", 2048))
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    hidden, heads = model_cfg["hidden_size"], model_cfg["num_attention_heads"]
-    head_dim = hidden // heads
-    section = [head_dim // 8, head_dim * 3 // 16, head_dim * 3 // 16]  # Qwen2-VL's 16/24/24 split of head_dim/2
-    section[0] += head_dim // 2 - sum(section)
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tok), hidden_size=hidden, intermediate_size=model_cfg["intermediate_size"],
-            num_hidden_layers=model_cfg["num_hidden_layers"], num_attention_heads=heads,
-            num_key_value_heads=model_cfg.get("num_key_value_heads", heads), max_position_embeddings=2048,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=model_cfg.get("tie_word_embeddings", False)),
-        vision_config=dict(depth=model_cfg["vision_depth"], embed_dim=model_cfg["vision_embed_dim"],
-                           num_heads=model_cfg["vision_num_heads"], hidden_size=hidden, mlp_ratio=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=model_cfg.get("tie_word_embeddings", False))
-    model = Qwen2VLForConditionalGeneration(config)
+    config = _tiny_vl_config(family, model_cfg, ids, len(tok))
+    model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     px = model_cfg.get("max_pixels", 112 * 56)
-    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 28 * 28, "longest_edge": px},
-                                               patch_size=14, merge_size=2, temporal_patch_size=2)
+    patch = config.vision_config.patch_size
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": (2 * patch) ** 2, "longest_edge": px},
+                                               patch_size=patch, merge_size=2, temporal_patch_size=2)
     processor = QwenVLImageTextProcessor(tok, image_processor)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    (tmp / "safegrpo_tiny.json").write_text(json.dumps({"model": model_cfg, "seed": seed}, indent=1))
+    (tmp / "safegrpo_tiny.json").write_text(json.dumps({"model": model_cfg, "seed": seed, "family": family}, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -148,10 +172,12 @@ def default_attention(device) -> str:
 
 def load_model(path, dtype=torch.float32, attn_implementation: str | None = None, trust_remote_code: bool = False,
                device="cpu"):
-    """A Hugging Face model from a local directory: image-text-to-text if it has vision, else causal LM."""
+    """A Hugging Face model from a local directory: image-text-to-text if it has vision, else causal LM.
+    Weights are read from safetensors only (a directory with just pytorch_model.bin is refused);
+    remote code runs only with trust_remote_code=True."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    kw = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)   # never unpickle weights
     kw["attn_implementation"] = attn_implementation or default_attention(device)
     cls = AutoModelForImageTextToText if hasattr(cfg, "vision_config") else AutoModelForCausalLM
     return cls.from_pretrained(path, **kw).to(device)

@@ -57,10 +57,21 @@ def banned_token_ids(model, processor=None) -> list[int]:
 
 
 @torch.no_grad()
+def _sample(probs: torch.Tensor, generator, group_size: int) -> torch.Tensor:
+    """One token per row of probs [N, V]; `generator` is one torch.Generator for the batch, or one
+    per prompt (rows b*G .. b*G+G-1 drawn with generator[b]: a prompt's samples then do not depend
+    on the other prompts in the batch)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(probs[b * group_size:(b + 1) * group_size], 1, generator=g)
+                          for b, g in enumerate(generator)]).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 def generate(model, batch: dict, group_size: int, max_new_tokens: int, eos_token_id, pad_token_id: int,
-             temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+             temperature: float = 1.0, top_p: float = 1.0, generator=None,
              banned_ids: list[int] | None = None) -> Rollout:
-    """Sample group_size completions for each of the B prompts in `batch` (left-padded)."""
+    """Sample group_size completions for each of the B prompts in `batch` (left-padded).
+    `generator`: a torch.Generator, or a list of B of them (one per prompt, see `_sample`)."""
     eos = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id],
                        device=batch["input_ids"].device)
     W = lm_head_weight(model).float()                                            # [V, H], cast once
@@ -91,7 +102,7 @@ def generate(model, batch: dict, group_size: int, max_new_tokens: int, eos_token
             logits = logits / temperature
             if top_p < 1.0:
                 logits = _top_p_filter(logits, top_p)
-            tok = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+            tok = _sample(torch.softmax(logits, -1), generator, group_size)
         tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
         out[:, t] = tok
         hit = torch.isin(tok, eos) & ~done

@@ -35,6 +35,7 @@ from .grpo import aggregate, clip_fraction, group_advantages, kl_penalty, masked
 from .logprobs import token_logprobs
 from .model import build_tiny_model_dir, load_model, load_processor
 from .prompting import encode_prompts, prompt_lengths
+from . import distributed as dist
 from .judge import refusal_rule
 from .reward import GOLD_KEYS, reward_breakdown
 from .rollout import completion_mask, generate
@@ -51,6 +52,26 @@ def completion_logprobs(model, batch, completion_ids, mask, group_size, temperat
     h = completion_hidden(model, batch, completion_ids, mask, group_size)          # [N, T, H]
     return token_logprobs(h, lm_head_weight(model), completion_ids, temperature, return_entropy=entropy,
                           entropy_grad=entropy_grad)
+
+
+def logprobs_all_params(model, batch, *args, **kw):
+    """`completion_logprobs`, and under FSDP a zero-weighted use of a trainable vision tower when
+    this micro-batch has no image: every rank must produce gradients for the same parameters, or
+    the gradient reduce-scatter of a rank with images waits forever for one without."""
+    out = completion_logprobs(model, batch, *args, **kw)
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    if dist.active() and batch.get("pixel_values") is None and visual is not None:
+        params = [p for p in visual.parameters() if p.requires_grad]
+        if params:
+            zero = 0.0 * sum(p.sum() for p in params)
+            out = (out[0] + zero, out[1]) if isinstance(out, tuple) else out + zero
+    return out
+
+
+def prompt_seed(seed: int, step: int, position: int) -> int:
+    """Seed of the sampling generator of the `position`-th prompt of GRPO step `step`: a prompt's
+    completions do not depend on which rank or micro-batch it lands in, or on a resume."""
+    return (seed * 1_000_003 + step) * 1_000_033 + position
 
 
 def slice_prompts(batch: dict, a: int, b: int, images_per_prompt: list[int]) -> dict:
@@ -154,13 +175,17 @@ class Trainer:
         if cfg.model.autocast not in ("", "bf16"):
             raise ValueError(f"model.autocast must be '' or 'bf16', got {cfg.model.autocast!r}")
         self._seed(cfg.train.seed)
+        if not dist.is_main():
+            dist.barrier()                      # rank 0 generates data and builds the tiny model first
         self.train_records, self.test_records = self._load_data()
         self.model_dir = self._model_dir()
+        if dist.is_main():
+            dist.barrier()
         self.processor = load_processor(self.model_dir, cfg.model.trust_remote_code)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.refusal = refusal_rule(cfg.grpo.refusal_judge)
-        self.generator = torch.Generator().manual_seed(cfg.train.seed)
-        save_config(cfg, self.out / "config.yaml")
+        if dist.is_main():
+            save_config(cfg, self.out / "config.yaml")
 
     # -------------------------------------------------------------------------------- setup
     @staticmethod
@@ -203,7 +228,7 @@ class Trainer:
         m = load_model(path, self.dtype, self.cfg.model.attn_implementation or None,
                        self.cfg.model.trust_remote_code, self.device)
         if self.cfg.model.gradient_checkpointing:
-            m.gradient_checkpointing_enable()
+            getattr(m, "activation_checkpointing_enable", m.gradient_checkpointing_enable)()
         return m
 
     def _filter_overlong(self, records, name):
@@ -225,7 +250,7 @@ class Trainer:
         decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(o.betas))
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=tuple(o.betas), eps=o.eps)
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total, schedule))
 
     # ---------------------------------------------------------------------------------- SFT
@@ -298,9 +323,10 @@ class Trainer:
     def setup_grpo(self, init_path, resume: bool):
         c = self.cfg
         tr = c.train
-        if tr.prompts_per_step % tr.mini_batch_prompts or tr.mini_batch_prompts % tr.micro_batch_prompts:
-            raise ValueError("train.prompts_per_step must be a multiple of train.mini_batch_prompts, and that a "
-                             "multiple of train.micro_batch_prompts")
+        W = dist.world_size()
+        if tr.prompts_per_step % tr.mini_batch_prompts or tr.mini_batch_prompts % (W * tr.micro_batch_prompts):
+            raise ValueError(f"train.prompts_per_step must be a multiple of train.mini_batch_prompts, and that a "
+                             f"multiple of world size x train.micro_batch_prompts ({W} x {tr.micro_batch_prompts})")
         self.train_records = self._filter_overlong(self.train_records, "train")
         ckpt = latest_checkpoint(self.out / "checkpoints") if resume else None
         self.policy = self._load(ckpt or init_path)
@@ -313,6 +339,13 @@ class Trainer:
         if c.grpo.beta > 0:
             self.ref = self._load(init_path).eval()
             self.ref.requires_grad_(False)
+        # our forward code runs inside these modules, so that FSDP2's root hooks wrap it
+        self.policy_fwd = dist.Forward(self.policy, logprobs_all_params)
+        self.ref_fwd = dist.Forward(self.ref, completion_logprobs) if self.ref is not None else None
+        if dist.active():
+            dist.shard(self.policy_fwd)
+            if self.ref_fwd is not None:
+                dist.shard(self.ref_fwd)
         self.opt, self.sched = self._optimizer(self.policy, c.optim.lr, c.optim.warmup_steps, tr.steps,
                                                c.optim.schedule)
         if c.data.balance_combined:
@@ -322,14 +355,15 @@ class Trainer:
             self.sampler = EpochSampler(len(self.train_records), tr.seed)
         self.start_step = 0
         if ckpt is not None:
-            st = load_trainer_state(ckpt, self.opt, self.generator)
+            st = load_trainer_state(ckpt, self.opt, model=self.policy if dist.active() else None)
             self.sched.load_state_dict(st["scheduler"])
             self.sampler.load(st["sampler"])
             random.setstate(_to_tuple(st["python_random"]))
             self.start_step = st["step"]
-            self._truncate_metrics(self.start_step)
-            print(f"[resume] from {ckpt} (step {self.start_step})")
-        elif (self.out / "metrics.jsonl").exists():
+            if dist.is_main():
+                self._truncate_metrics(self.start_step)
+                print(f"[resume] from {ckpt} (step {self.start_step})")
+        elif (self.out / "metrics.jsonl").exists() and dist.is_main():
             (self.out / "metrics.jsonl").unlink()
 
     def _truncate_metrics(self, step):
@@ -342,8 +376,14 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         c, G = self.cfg, self.cfg.rollout.group_size
-        # 1. prompts -------------------------------------------------------------------------
-        idx = self.sampler.take(c.train.prompts_per_step)
+        W, R = dist.world_size(), dist.rank()
+        P = c.train.prompts_per_step // W                     # this rank's prompts: whole groups
+        mb = c.train.mini_batch_prompts // W                  # this rank's share of each mini-batch
+        # 1. prompts: the same draw on every rank; mini-batch u is prompts [u*MB, (u+1)*MB) of the
+        #    step whatever the world size, split evenly over the ranks ---------------------------
+        everyone = self.sampler.take(c.train.prompts_per_step)
+        pos = [u * mb * W + R * mb + k for u in range(P // mb) for k in range(mb)]   # global positions
+        idx = [everyone[i] for i in pos]
         recs = [self.train_records[i] for i in idx]
         batch = {k: v.to(self.device) for k, v in
                  encode_prompts(self.processor, recs, c.data.prompt_style, c.data.max_prompt_length, idx).items()}
@@ -351,10 +391,12 @@ class Trainer:
         # 2. rollout -------------------------------------------------------------------------
         t0 = time.perf_counter()
         self.policy.eval()
+        gens = [torch.Generator(self.device).manual_seed(prompt_seed(c.train.seed, step, i))
+                for i in pos]                                 # sampling independent of how prompts are split
         try:
-            with self.amp():
+            with self.amp(), dist.gathered(self.policy_fwd):
                 ro = generate(self.policy, batch, G, c.rollout.max_new_tokens, self.policy.generation_config.eos_token_id,
-                              self.tokenizer.pad_token_id, c.rollout.temperature, c.rollout.top_p, self.generator)
+                              self.tokenizer.pad_token_id, c.rollout.temperature, c.rollout.top_p, gens)
         except FloatingPointError as e:
             raise NonFiniteError(f"non-finite policy at step {step} ({e}); stopping without writing a checkpoint "
                                  "of this state. Lower optim.lr or resume from the last checkpoint.") from None
@@ -365,55 +407,69 @@ class Trainer:
         gold = [r.tags for r in recs for _ in range(G)]
         parts = [reward_breakdown(t, g, self.refusal) for t, g in zip(texts, gold)]
         rewards = torch.tensor([p["total"] for p in parts], dtype=torch.float32)       # [N]
-        # 4. advantage -----------------------------------------------------------------------
+        # 4. advantage (groups are whole on each rank) ----------------------------------------
         adv = group_advantages(rewards, G, c.grpo.adv_scale, c.grpo.adv_eps).to(self.device)
         # 5. logprobs without grad: reference and old policy ----------------------------------
         t0 = time.perf_counter()
-        mb, mu = c.train.mini_batch_prompts, c.train.micro_batch_prompts
-        n_updates = c.train.prompts_per_step // mb
+        mu = c.train.micro_batch_prompts                      # prompts per forward/backward on this rank
+        n_updates = P // mb
         micro = [(a, min(a + mu, len(recs))) for a in range(0, len(recs), mu)]
-        ref_logp = self._no_grad_logprobs(self.ref, batch, ids, mask, n_img, micro) if self.ref is not None else None
-        old_logp = self._no_grad_logprobs(self.policy, batch, ids, mask, n_img, micro) if n_updates > 1 else None
+        ref_logp = self._no_grad_logprobs(self.ref_fwd, batch, ids, mask, n_img, micro) if self.ref is not None else None
+        old_logp = self._no_grad_logprobs(self.policy_fwd, batch, ids, mask, n_img, micro) if n_updates > 1 else None
         t_ref = time.perf_counter() - t0
         # 6. update --------------------------------------------------------------------------
         t0 = time.perf_counter()
         self.policy.train()
+        all_tok = float(dist.all_reduce_sum(mask.sum()))           # completion tokens of the step, all ranks
         stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0}
         for u in range(n_updates):
             self.opt.zero_grad(set_to_none=True)
             lo, hi = u * mb * G, (u + 1) * mb * G
-            n_tok = mask[lo:hi].sum()
+            n_tok = dist.all_reduce_sum(mask[lo:hi].sum())          # token-mean over the global mini-batch
             for a, b in [(a, b) for a, b in micro if u * mb <= a < (u + 1) * mb]:
                 rows = slice(a * G, b * G)
                 m = mask[rows]
                 with self.amp():
-                    logp, ent = completion_logprobs(self.policy, slice_prompts(batch, a, b, n_img), ids[rows], m, G,
-                                                    c.rollout.temperature or 1.0, entropy=True,
-                                                    entropy_grad=c.grpo.entropy_coef > 0)
+                    logp, ent = self.policy_fwd(slice_prompts(batch, a, b, n_img), ids[rows], m, G,
+                                                c.rollout.temperature or 1.0, entropy=True,
+                                                entropy_grad=c.grpo.entropy_coef > 0)
                 old = old_logp[rows] if old_logp is not None else logp.detach()
                 per_tok = policy_loss(logp, old, adv[rows], m, c.grpo.clip_low, c.grpo.clip_high, c.grpo.dual_clip)
                 if ref_logp is not None:
                     kl = kl_penalty(logp, ref_logp[rows], c.grpo.kl_estimator)
                     per_tok = per_tok + c.grpo.beta * kl * m
-                    stats["kl"] += (kl.detach() * m).sum().item() / mask.sum().item()
+                    stats["kl"] += (kl.detach() * m).sum().item() / all_tok
                 if c.grpo.entropy_coef > 0:
                     per_tok = per_tok - c.grpo.entropy_coef * ent * m
                     ent = ent.detach()
-                loss = self._micro_loss(per_tok, m, n_tok, (b - a) * G, mb * G)
+                # FSDP averages gradients over ranks: scale by W so they add up to the global loss's
+                loss = self._micro_loss(per_tok, m, n_tok, (b - a) * G, mb * G * W) * W
                 _check_finite(loss.detach(), "loss", step)
                 loss.backward()
-                stats["loss"] += loss.item() / n_updates
-                stats["entropy"] += (ent * m).sum().item() / mask.sum().item()
+                stats["loss"] += loss.item() / W / n_updates
+                stats["entropy"] += (ent * m).sum().item() / all_tok
                 stats["clip_frac"] += clip_fraction(logp.detach(), old, adv[rows], m, c.grpo.clip_low,
-                                                    c.grpo.clip_high).item() * m.sum().item() / mask.sum().item()
+                                                    c.grpo.clip_high).item() * m.sum().item() / all_tok
             gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.optim.grad_clip)
+            gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
             _check_finite(gn, "gradient norm", step)
             stats["grad_norm"] += gn.item() / n_updates
             self.opt.step()
             self.sched.step()
         t_update = time.perf_counter() - t0
-        # 7. record --------------------------------------------------------------------------
-        return self._metrics(step, parts, gold, rewards, ro, stats, t_rollout, t_ref, t_update, batch)
+        # 7. record (figures of all ranks) ----------------------------------------------------
+        if dist.active():
+            summed = dist.all_reduce_sum(torch.tensor([stats[k] for k in ("loss", "kl", "clip_frac", "entropy")],
+                                                      dtype=torch.float64))
+            stats.update(zip(("loss", "kl", "clip_frac", "entropy"), summed.tolist()))
+        local = (parts, gold, rewards.tolist(), ro.lengths.tolist(), float(batch["attention_mask"].sum()),
+                 float(batch["image_grid_thw"].prod(-1).sum()) if "image_grid_thw" in batch else 0.0)
+        ranks = dist.gather_objects(local)
+        parts, gold = [p for r in ranks for p in r[0]], [g for r in ranks for g in r[1]]
+        rewards = torch.tensor([x for r in ranks for x in r[2]])
+        lengths = torch.tensor([x for r in ranks for x in r[3]], dtype=torch.float32)
+        tokens = {"prompt": sum(r[4] for r in ranks), "image": sum(r[5] for r in ranks)}
+        return self._metrics(step, parts, gold, rewards, lengths, tokens, stats, t_rollout, t_ref, t_update)
 
     def _micro_loss(self, per_tok, m, n_tok, micro_rows, mini_rows):
         """This micro-batch's share of the mini-batch loss (so shares add up exactly)."""
@@ -425,24 +481,24 @@ class Trainer:
         return aggregate(per_tok, m, agg, norm_constant=nc or self.cfg.rollout.max_new_tokens) * micro_rows / mini_rows
 
     @torch.no_grad()
-    def _no_grad_logprobs(self, model, batch, ids, mask, n_img, micro):
-        was = model.training
-        model.eval()
+    def _no_grad_logprobs(self, fwd, batch, ids, mask, n_img, micro):
+        """Log-probs of the completions under `fwd.model` (reference or old policy), no grad."""
+        was = fwd.model.training
+        fwd.model.eval()
         G = self.cfg.rollout.group_size
         with self.amp():
-            out = torch.cat([completion_logprobs(model, slice_prompts(batch, a, b, n_img), ids[a * G:b * G],
-                                                 mask[a * G:b * G], G, self.cfg.rollout.temperature or 1.0)
+            out = torch.cat([fwd(slice_prompts(batch, a, b, n_img), ids[a * G:b * G], mask[a * G:b * G], G,
+                                 self.cfg.rollout.temperature or 1.0)
                              for a, b in micro])
-        model.train(was)
+        fwd.model.train(was)
         return out
 
-    def _metrics(self, step, parts, gold, rewards, ro, stats, t_rollout, t_ref, t_update, batch):
+    def _metrics(self, step, parts, gold, rewards, lengths, tokens, stats, t_rollout, t_ref, t_update):
         G = self.cfg.rollout.group_size
         n = len(parts)
-        lengths = ro.lengths.float()
         tags = {"visual": "visual_safe", "text": "text_safe", "combined": "combined_safe"}
         zero_std = (rewards.view(-1, G).std(-1) == 0).float().mean().item()
-        n_tokens = float(lengths.sum()) + float(batch["attention_mask"].sum())
+        n_tokens = float(lengths.sum()) + tokens["prompt"]
         t_all = t_rollout + t_ref + t_update
         m = {"step": step + 1,
              "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
@@ -454,12 +510,12 @@ class Trainer:
         m.update({"kl": stats["kl"], "clip_frac": stats["clip_frac"], "entropy": stats["entropy"],
                   "loss": stats["loss"], "grad_norm": stats["grad_norm"], "lr": self.sched.get_last_lr()[0],
                   "response_len/mean": lengths.mean().item(), "response_len/max": lengths.max().item(),
-                  "frac_truncated": (ro.lengths >= self.cfg.rollout.max_new_tokens).float().mean().item(),
+                  "frac_truncated": (lengths >= self.cfg.rollout.max_new_tokens).float().mean().item(),
                   "frac_zero_std_groups": zero_std,
                   "time/rollout": t_rollout, "time/ref": t_ref, "time/update": t_update,
                   "tokens_per_s": n_tokens / t_all if t_all > 0 else 0.0,
-                  "tokens/completion": float(lengths.sum()), "tokens/prompt": float(batch["attention_mask"].sum()),
-                  "tokens/image": float(batch["image_grid_thw"].prod(-1).sum()) if "image_grid_thw" in batch else 0.0})
+                  "tokens/completion": float(lengths.sum()), "tokens/prompt": tokens["prompt"],
+                  "tokens/image": tokens["image"]})
         return m
 
     def fit(self, resume: bool = False, init_path=None) -> Path:
@@ -467,12 +523,13 @@ class Trainer:
         c = self.cfg
         self.setup_grpo(init_path or self.model_dir, resume)
         bar = tqdm(range(self.start_step, c.train.steps), desc="safegrpo", dynamic_ncols=True, mininterval=2,
-                   initial=self.start_step, total=c.train.steps)
+                   initial=self.start_step, total=c.train.steps, disable=not dist.is_main())
         last = latest_checkpoint(self.out / "checkpoints")
         for step in bar:
             m = self.train_step(step)
-            with open(self.out / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(m) + "\n")
+            if dist.is_main():
+                with open(self.out / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps(m) + "\n")
             bar.set_postfix(reward=f"{m['reward/mean']:.3f}", comb=f"{m['tag_acc/combined']:.2f}",
                             kl=f"{m['kl']:.4f}", refresh=False)
             if (step + 1) % c.train.save_every == 0 or step + 1 == c.train.steps:
@@ -482,9 +539,9 @@ class Trainer:
     def save(self, step) -> Path:
         state = {"sampler": self.sampler.state(), "scheduler": self.sched.state_dict(),
                  "python_random": random.getstate(), "init_path": str(self.model_dir)}
-        p = save_checkpoint(self.out / "checkpoints", step, self.policy, self.processor, self.opt, state,
-                            self.generator)
-        prune_checkpoints(self.out / "checkpoints", 3)
+        p = save_checkpoint(self.out / "checkpoints", step, self.policy, self.processor, self.opt, state)
+        if dist.is_main():
+            prune_checkpoints(self.out / "checkpoints", 3)
         return p
 
 

@@ -146,3 +146,33 @@ def test_text_only_causal_lm(tmp_path):
     Lp = batch["input_ids"].shape[1]
     naive = torch.log_softmax(logits[:, Lp - 1:-1], -1).gather(-1, ours.completion_ids[..., None]).squeeze(-1)
     assert torch.allclose(lp * ours.mask, naive * ours.mask, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_other_qwen_vl_families(family, tmp_path, synth_dir):
+    """Qwen2.5-VL and Qwen3-VL (the paper recipes' families) through the same engine: greedy
+    decoding equals generate, and the prompt-once forward equals a full forward."""
+    from conftest import TINY
+    from safegrpo.model import build_tiny_model_dir
+    d = build_tiny_model_dir(tmp_path / family, TINY, seed=0, family=family)
+    model, proc = load_model(d).eval(), load_processor(d)
+    batch = encode_prompts(proc, load_parquet(synth_dir / "test.parquet", limit=3), "compact")
+    eos, pad = ids_of(model, proc)
+    ours = generate(model, batch, 1, 12, eos, pad, temperature=0)
+    ref = model.generate(**batch, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    assert torch.equal(ours.completion_ids, ref[:, batch["input_ids"].shape[1]:][:, :ours.completion_ids.shape[1]])
+    G = 2
+    ro = generate(model, batch, G, 10, eos, pad, 1.0, 1.0, torch.Generator().manual_seed(1))
+    ids, mask = ro.completion_ids, ro.mask
+    ours = token_logprobs(completion_hidden(model, batch, ids, mask, G), lm_head_weight(model), ids)
+    rep = {k: batch[k].repeat_interleave(G, 0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    per_image = int(batch["image_grid_thw"][0].prod())
+    pix = torch.cat([batch["pixel_values"][i * per_image:(i + 1) * per_image] for i in range(3) for _ in range(G)])
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([rep["input_ids"], ids], 1),
+                       attention_mask=torch.cat([rep["attention_mask"], mask.long()], 1),
+                       mm_token_type_ids=torch.cat([rep["mm_token_type_ids"], torch.zeros_like(ids, dtype=torch.int32)], 1),
+                       pixel_values=pix, image_grid_thw=batch["image_grid_thw"].repeat_interleave(G, 0)).logits
+    Lp = batch["input_ids"].shape[1]
+    naive = torch.log_softmax(logits[:, Lp - 1:-1].float(), -1).gather(-1, ids[..., None]).squeeze(-1)
+    assert torch.allclose(ours * mask, naive * mask, atol=1e-5)
