@@ -28,8 +28,22 @@ test: $(STAMP)
 clean:
 	rm -rf runs data/synth data/tiny_model
 
-bench: $(STAMP)
+# TRL lives only in the benchmark's own environment (.venv-bench), never in the package's
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+$(BENCH_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(BENCH_VENV)/bin/pip install -q -e . "trl==1.16.0"
+	touch $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP)
 	$(PY) bench/bench_reward.py
+	$(PY) bench/bench_rollout.py
+	$(PY) bench/bench_logprobs.py
+	$(PY) bench/bench_phases.py
+	$(BENCH_VENV)/bin/python bench/bench_grpo_vs_trl.py
+	@echo "figures: bench/results.json"
 
 # the latest checkpoint of the default run on SafeTag-Synth and every sample in ../shared/benchmarks
 # (FigStep's sample has 30 of its 500 images: the rest are skipped and counted in the report)

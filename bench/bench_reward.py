@@ -7,11 +7,13 @@ completions (well-formed or with a broken format) and for a mix that adds 10% lo
 and 10% adversarial ones (many tags, no ending), where the backtracking regex is slow. Results go
 to bench/results.json under "reward".
 """
-import json
 import random
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import record  # noqa: E402
 from safegrpo.reward import compute_score, reference_breakdown
 
 GOLD = {"image_tag": "safe", "text_tag": "safe", "combine_tag": "unsafe"}
@@ -56,10 +58,7 @@ def main():
         res[name] = {"ours_per_s": round(ours), "regex_per_s": round(regex), "speedup": round(ours / regex, 2)}
         print(f"reward ({name}, {len(sample)} completions): ours {ours:,.0f}/s, regex {regex:,.0f}/s, "
               f"ratio {ours / regex:.2f}x")
-    path = Path(__file__).with_name("results.json")
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data["reward"] = res
-    path.write_text(json.dumps(data, indent=1))
+    record("reward", res)
 
 
 if __name__ == "__main__":

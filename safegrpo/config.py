@@ -71,6 +71,10 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 4096
+    prompts_per_call: int = 0           # prompts decoded together (0: all of a rank's prompts at once).
+                                        # 1 makes each prompt's samples independent of the batch to
+                                        # the last bit (batched matmuls round differently), e.g. to
+                                        # compare runs across world sizes exactly; slower
 
 
 @dataclass

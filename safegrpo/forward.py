@@ -22,8 +22,55 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 VISION_KEYS = ("pixel_values", "image_grid_thw")
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer whose buffers [N, heads, prompt + reserve, head_dim] are allocated once, at
+    the prefill, with room for `reserve` more tokens: each decode step writes its keys and values
+    in place instead of concatenating the whole cache (O(T) instead of O(T^2) copying). Returns
+    views of the filled part, as a DynamicLayer would return its tensors."""
+
+    def __init__(self, reserve: int):
+        super().__init__()
+        self.reserve, self.length = reserve, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        t = key_states.shape[-2]
+        if not self.is_initialized or self.length + t > self._k.shape[-2]:
+            old = (self._k[..., :self.length, :], self._v[..., :self.length, :]) if self.is_initialized else None
+            n, h, _, d = key_states.shape
+            size = self.length + t + self.reserve
+            self._k = key_states.new_empty(n, h, size, d)
+            self._v = value_states.new_empty(n, value_states.shape[1], size, value_states.shape[-1])
+            if old is not None:
+                self._k[..., :self.length, :], self._v[..., :self.length, :] = old
+            self.device, self.is_initialized = key_states.device, True
+        self._k[..., self.length:self.length + t, :] = key_states
+        self._v[..., self.length:self.length + t, :] = value_states
+        self.length += t
+        self.keys, self.values = self._k[..., :self.length, :], self._v[..., :self.length, :]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.length:
+            self._k = self._k.repeat_interleave(repeats, dim=0)
+            self._v = self._v.repeat_interleave(repeats, dim=0)
+            self.keys, self.values = self._k[..., :self.length, :], self._v[..., :self.length, :]
+
+
+def new_cache(model, reserve: int = 0) -> DynamicCache:
+    """A DynamicCache for `model`; with reserve > 0 its layers pre-allocate room for that many
+    tokens after the prefill (decoding). Autograd through in-place writes is not needed there."""
+    cache = DynamicCache(config=model.config)
+    if reserve > 0:
+        cache.layers = [PreallocatedLayer(reserve) for _ in cache.layers]
+    return cache
 
 
 def is_vision_model(model) -> bool:
@@ -64,9 +111,10 @@ def continuation_positions(model, next_pos: torch.Tensor, length: int, offset: i
     return pos.unsqueeze(0).expand(3, -1, -1) if is_vision_model(model) else pos
 
 
-def prefill(model, batch: dict, position_ids: torch.Tensor):
-    """Run prompts once; returns (hidden of the last prompt position [B, H], cache)."""
-    cache = DynamicCache(config=model.config)
+def prefill(model, batch: dict, position_ids: torch.Tensor, reserve: int = 0):
+    """Run prompts once; returns (hidden of the last prompt position [B, H], cache). `reserve`:
+    tokens of decoding to pre-allocate in the cache (0: a plain DynamicCache, for autograd)."""
+    cache = new_cache(model, reserve)
     kw = {k: batch[k] for k in VISION_KEYS if batch.get(k) is not None}
     out = base_model(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             position_ids=position_ids, cache=cache, use_cache=True, **kw)

@@ -5,7 +5,7 @@
 For a Qwen vocabulary (V = 151,936) the [batch, length, V] logits tensor is the largest thing in
 a GRPO step. `token_logprobs` never builds it: the forward pass walks the rows in chunks and
 keeps only each row's log-sum-exp; the backward pass recomputes each chunk's logits and turns
-them into gradients at once,
+them into gradients in place, in the same buffer,
     d logp[n] / d logits[n] = (onehot(target) - softmax) / T,
 so peak memory is one chunk x V, whatever batch x length. Entropy is returned alongside, for
 logging, or with its gradient -p (log p + H) for an entropy bonus.
@@ -26,12 +26,12 @@ class _FusedLogProbs(torch.autograd.Function):
     @staticmethod
     @torch.autocast("cuda", enabled=False)   # fp32 log-probs even inside a bf16 autocast region
     @torch.autocast("cpu", enabled=False)
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, want_entropy):
         # hidden [N, H], weight [V, H], targets [N]
         w32 = weight.float()
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        entropy = torch.empty_like(logp)
+        entropy = torch.zeros_like(logp)
         lse = torch.empty_like(logp)
         for s in range(0, n, chunk_size):
             logits = hidden[s:s + chunk_size].float() @ w32.T                # [C, V]
@@ -40,8 +40,9 @@ class _FusedLogProbs(torch.autograd.Function):
             c_lse = torch.logsumexp(logits, dim=-1)                          # [C]
             lse[s:s + chunk_size] = c_lse
             logp[s:s + chunk_size] = logits.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1) - c_lse
-            logits.sub_(c_lse[:, None])                                      # now log-probs
-            entropy[s:s + chunk_size] = -(logits.exp() * logits).sum(-1)
+            if want_entropy:                                                 # H = -sum p log p
+                logits.sub_(c_lse[:, None])
+                entropy[s:s + chunk_size] = -(logits.exp() * logits).sum(-1)
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return logp, entropy
@@ -55,28 +56,28 @@ class _FusedLogProbs(torch.autograd.Function):
         T, C = ctx.temperature, ctx.chunk_size
         w32 = weight.float()
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(w32) if ctx.needs_input_grad[1] else None
+        grad_w = None
         for s in range(0, hidden.shape[0], C):
             h = hidden[s:s + C].float()                                      # [C, H]
-            logits = h @ w32.T
+            buf = h @ w32.T                                                  # logits [C, V]
             if T != 1.0:
-                logits.div_(T)
+                buf.div_(T)
             g = grad_logp[s:s + C].float()                                   # [C]
-            logits.sub_(lse[s:s + C, None])                                  # log-probs [C, V]
-            probs = torch.exp(logits)
-            # d logp / d logits = onehot - softmax; chain with g and 1/T
-            dlogits = probs * -g[:, None]
-            dlogits.scatter_add_(-1, targets[s:s + C, None], g[:, None])
-            if with_entropy:  # d H / d logits = -p (log p + H)
+            buf.sub_(lse[s:s + C, None])                                     # log-probs
+            if with_entropy:  # d H / d logits = -p (log p + H), needs log p and p at once
+                probs = torch.exp(buf)
                 ge = grad_entropy[s:s + C].float()
-                dlogits -= probs * (logits + entropy[s:s + C, None]) * ge[:, None]
+                dlogits = probs * -g[:, None] - probs * (buf + entropy[s:s + C, None]) * ge[:, None]
+            else:             # d logp / d logits = onehot - softmax, chained with g: in place
+                dlogits = buf.exp_().mul_(-g[:, None])
+            dlogits.scatter_add_(-1, targets[s:s + C, None], g[:, None])
             if T != 1.0:
                 dlogits.div_(T)
             if grad_hidden is not None:
                 grad_hidden[s:s + C] = (dlogits @ w32).to(hidden.dtype)
-            if grad_w is not None:
-                grad_w.addmm_(dlogits.T, h)
-        return grad_hidden, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
+            if ctx.needs_input_grad[1]:   # the first chunk initialises the sum (no memset of [V, H])
+                grad_w = dlogits.T @ h if grad_w is None else grad_w.addmm_(dlogits.T, h)
+        return grad_hidden, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 
 def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor,
@@ -94,7 +95,8 @@ def token_logprobs(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: 
     if h.shape[0] != t.shape[0]:
         raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)} do not line up")
     chunk = chunk_size or _default_chunk(lm_head_weight.shape[0])
-    logp, ent = _FusedLogProbs.apply(h, lm_head_weight, t, float(temperature), int(chunk))
+    logp, ent = _FusedLogProbs.apply(h, lm_head_weight, t, float(temperature), int(chunk),
+                                     bool(return_entropy or entropy_grad))
     logp, ent = logp.view(lead), ent.view(lead)
     if not entropy_grad:
         ent = ent.detach()

@@ -38,7 +38,7 @@ from .prompting import encode_prompts, prompt_lengths
 from . import distributed as dist
 from .judge import refusal_rule
 from .reward import GOLD_KEYS, reward_breakdown
-from .rollout import completion_mask, generate
+from .rollout import concat_rollouts, completion_mask, generate
 
 
 class NonFiniteError(RuntimeError):
@@ -385,18 +385,21 @@ class Trainer:
         pos = [u * mb * W + R * mb + k for u in range(P // mb) for k in range(mb)]   # global positions
         idx = [everyone[i] for i in pos]
         recs = [self.train_records[i] for i in idx]
-        batch = {k: v.to(self.device) for k, v in
-                 encode_prompts(self.processor, recs, c.data.prompt_style, c.data.max_prompt_length, idx).items()}
+        batch = self._encode(recs, idx)
         n_img = [len(r.images) for r in recs]
         # 2. rollout -------------------------------------------------------------------------
         t0 = time.perf_counter()
         self.policy.eval()
         gens = [torch.Generator(self.device).manual_seed(prompt_seed(c.train.seed, step, i))
                 for i in pos]                                 # sampling independent of how prompts are split
+        k = c.rollout.prompts_per_call or P
+        calls = [(a, min(a + k, P)) for a in range(0, P, k)]
         try:
             with self.amp(), dist.gathered(self.policy_fwd):
-                ro = generate(self.policy, batch, G, c.rollout.max_new_tokens, self.policy.generation_config.eos_token_id,
-                              self.tokenizer.pad_token_id, c.rollout.temperature, c.rollout.top_p, gens)
+                ro = concat_rollouts([generate(
+                    self.policy, batch if k >= P else self._encode(recs[a:b], idx[a:b]), G,
+                    c.rollout.max_new_tokens, self.policy.generation_config.eos_token_id, self.tokenizer.pad_token_id,
+                    c.rollout.temperature, c.rollout.top_p, gens[a:b]) for a, b in calls], self.tokenizer.pad_token_id)
         except FloatingPointError as e:
             raise NonFiniteError(f"non-finite policy at step {step} ({e}); stopping without writing a checkpoint "
                                  "of this state. Lower optim.lr or resume from the last checkpoint.") from None
@@ -471,6 +474,12 @@ class Trainer:
         tokens = {"prompt": sum(r[4] for r in ranks), "image": sum(r[5] for r in ranks)}
         return self._metrics(step, parts, gold, rewards, lengths, tokens, stats, t_rollout, t_ref, t_update)
 
+    def _encode(self, recs, rows) -> dict:
+        """Prompt tensors of records (on the device); `rows` name them in errors."""
+        c = self.cfg
+        return {k: v.to(self.device) for k, v in
+                encode_prompts(self.processor, recs, c.data.prompt_style, c.data.max_prompt_length, rows).items()}
+
     def _micro_loss(self, per_tok, m, n_tok, micro_rows, mini_rows):
         """This micro-batch's share of the mini-batch loss (so shares add up exactly)."""
         agg, nc = self.cfg.grpo.loss_agg, self.cfg.grpo.norm_constant
@@ -486,7 +495,10 @@ class Trainer:
         was = fwd.model.training
         fwd.model.eval()
         G = self.cfg.rollout.group_size
-        with self.amp():
+        # under FSDP: gathered once for all micro-batches, and resharded on exit (a forward without
+        # backward would otherwise leave the root unit holding a gathered copy that the next
+        # optimizer step makes stale)
+        with self.amp(), dist.gathered(fwd):
             out = torch.cat([fwd(slice_prompts(batch, a, b, n_img), ids[a * G:b * G], mask[a * G:b * G], G,
                                  self.cfg.rollout.temperature or 1.0)
                              for a, b in micro])
