@@ -45,7 +45,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=96)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     tiny = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())["model"]["tiny"]
     with tempfile.TemporaryDirectory() as tmp:
