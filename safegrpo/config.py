@@ -123,6 +123,8 @@ class TrainConfig:
     prompts_per_step: int = 256
     mini_batch_prompts: int = 64        # prompts per optimizer update; updates/step = prompts_per_step / this
     micro_batch_prompts: int = 8        # prompts per forward/backward (whole groups)
+    micro_batch_tokens: int = 0         # > 0: instead, as many whole groups per forward/backward as fit in
+                                        # this many tokens (prompt once + its G completions)
     save_every: int = 50
     eval_every: int = 0                 # 0 = only at the end
     eval_limit: int = 0                 # 0 = the whole test split

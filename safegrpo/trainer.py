@@ -68,6 +68,31 @@ def logprobs_all_params(model, batch, *args, **kw):
     return out
 
 
+def micro_batches(prompt_tokens: list, completion_tokens: list, group_size: int, mini: int, prompts: int,
+                  token_budget: int = 0) -> list[tuple[int, int]]:
+    """Prompt ranges [a, b) for each forward/backward, never crossing a mini-batch boundary.
+
+    Fixed size (`prompts` per micro-batch), or with token_budget > 0 as many whole groups as fit
+    in that many tokens (each group costs its prompt once plus its G completions: the prompt-once
+    forward), at least one. The token-mean loss does not depend on the split."""
+    out = []
+    for lo in range(0, len(prompt_tokens), mini):
+        hi = min(lo + mini, len(prompt_tokens))
+        a = lo
+        while a < hi:
+            b = a + 1
+            if token_budget > 0:
+                used = prompt_tokens[a] + completion_tokens[a]
+                while b < hi and used + prompt_tokens[b] + completion_tokens[b] <= token_budget:
+                    used += prompt_tokens[b] + completion_tokens[b]
+                    b += 1
+            else:
+                b = min(a + prompts, hi)
+            out.append((a, b))
+            a = b
+    return out
+
+
 def prompt_seed(seed: int, step: int, position: int) -> int:
     """Seed of the sampling generator of the `position`-th prompt of GRPO step `step`: a prompt's
     completions do not depend on which rank or micro-batch it lands in, or on a resume."""
@@ -324,9 +349,10 @@ class Trainer:
         c = self.cfg
         tr = c.train
         W = dist.world_size()
-        if tr.prompts_per_step % tr.mini_batch_prompts or tr.mini_batch_prompts % (W * tr.micro_batch_prompts):
+        micro = 1 if tr.micro_batch_tokens > 0 else tr.micro_batch_prompts
+        if tr.prompts_per_step % tr.mini_batch_prompts or tr.mini_batch_prompts % (W * micro):
             raise ValueError(f"train.prompts_per_step must be a multiple of train.mini_batch_prompts, and that a "
-                             f"multiple of world size x train.micro_batch_prompts ({W} x {tr.micro_batch_prompts})")
+                             f"multiple of world size x train.micro_batch_prompts ({W} x {micro})")
         self.train_records = self._filter_overlong(self.train_records, "train")
         ckpt = latest_checkpoint(self.out / "checkpoints") if resume else None
         self.policy = self._load(ckpt or init_path)
@@ -414,9 +440,9 @@ class Trainer:
         adv = group_advantages(rewards, G, c.grpo.adv_scale, c.grpo.adv_eps).to(self.device)
         # 5. logprobs without grad: reference and old policy ----------------------------------
         t0 = time.perf_counter()
-        mu = c.train.micro_batch_prompts                      # prompts per forward/backward on this rank
         n_updates = P // mb
-        micro = [(a, min(a + mu, len(recs))) for a in range(0, len(recs), mu)]
+        micro = micro_batches(batch["attention_mask"].sum(-1).tolist(), ro.lengths.view(-1, G).sum(-1).tolist(),
+                              G, mb, c.train.micro_batch_prompts, c.train.micro_batch_tokens)
         ref_logp = self._no_grad_logprobs(self.ref_fwd, batch, ids, mask, n_img, micro) if self.ref is not None else None
         old_logp = self._no_grad_logprobs(self.policy_fwd, batch, ids, mask, n_img, micro) if n_updates > 1 else None
         t_ref = time.perf_counter() - t0

@@ -146,3 +146,25 @@ def test_reward_rises_on_a_tiny_set(tmp_path, tiny_model_dir, synth_dir):
     assert r[0] > 0.1                                                  # the warm start follows the format
     assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.15, r                  # and GRPO raises the reward
     assert rows(tmp_path / "run")[-1]["tag_acc/combined"] > rows(tmp_path / "run")[0]["tag_acc/combined"]
+
+
+def test_token_budget_micro_batches_take_the_same_step(tmp_path, tiny_model_dir, synth_dir):
+    """Whole groups packed by a token budget give the same update as fixed-size micro-batches
+    (token-mean over the mini-batch does not depend on the split)."""
+    from safetensors.torch import load_file
+    from safegrpo.trainer import micro_batches
+    assert micro_batches([10, 20, 30, 5], [40, 40, 80, 10], 4, 4, 2) == [(0, 2), (2, 4)]
+    assert micro_batches([10, 20, 30, 5], [40, 40, 80, 10], 4, 4, 2, token_budget=120) == [(0, 2), (2, 3), (3, 4)]
+    assert micro_batches([10, 20], [40, 40], 4, 1, 8, token_budget=10) == [(0, 1), (1, 2)]   # never crosses a mini-batch
+    out = {}
+    for name, over in (("fixed", {"train.micro_batch_prompts": 1}), ("budget", {"train.micro_batch_tokens": 300})):
+        (tmp_path / name).mkdir()
+        cfg = tiny_cfg(tmp_path / name, tiny_model_dir, synth_dir, **{
+            "train.steps": 1, "train.prompts_per_step": 4, "train.mini_batch_prompts": 2, "train.save_every": 1,
+            "grpo.beta": 0.04, "grpo.entropy_coef": 0.01, "optim.lr": 1e-3, "data.test": "", **over})
+        assert run_train(cfg).returncode == 0
+        out[name] = load_file(tmp_path / name / "run" / "checkpoints" / "step_1" / "model.safetensors")
+    init = load_file(tiny_model_dir / "model.safetensors")
+    assert max((out["fixed"][k] - init[k]).abs().max().item() for k in init) > 1e-4
+    for k in init:
+        torch.testing.assert_close(out["budget"][k], out["fixed"][k], atol=1e-5, rtol=0, msg=k)
