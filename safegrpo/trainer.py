@@ -33,9 +33,10 @@ from .evaluation import decode_completions
 from .forward import completion_hidden, lm_head_weight
 from .grpo import aggregate, clip_fraction, group_advantages, kl_penalty, masked_mean, policy_loss
 from .logprobs import token_logprobs
-from .model import build_tiny_model_dir, load_model, load_processor
+from .model import resolve_model_path, build_tiny_model_dir, load_model, load_processor
 from .prompting import encode_prompts, prompt_lengths
 from . import distributed as dist
+from . import textsafety
 from .judge import refusal_rule
 from .reward import GOLD_KEYS, reward_breakdown
 from .rollout import concat_rollouts, completion_mask, generate
@@ -234,7 +235,7 @@ class Trainer:
     def _model_dir(self) -> Path:
         m = self.cfg.model
         if m.path:
-            if not Path(m.path).is_dir():
+            if not Path(resolve_model_path(m.path)[0]).is_dir():
                 raise FileNotFoundError(f"model.path {m.path} is not a directory (a local Hugging Face model "
                                         "directory is expected; see data/README.md)")
             return Path(m.path)
@@ -302,7 +303,12 @@ class Trainer:
                                           {"target": synth.caption_demo(r)}) for r in demos]
             self._cross_entropy_stage(model, caption_recs, "none", s.caption_steps, s.caption_lr, "caption")
         if s.steps:
-            fresh = lambda r: (lambda rng: synth.demonstration(r, rng)) if r.meta.get("concept") else r.meta["demo"]
+            def fresh(r):   # a demonstration drawn anew at each use where we know how to draw one
+                if r.meta.get("concept"):
+                    return lambda rng: synth.demonstration(r, rng)
+                if r.meta.get("demo_source") == "textsafety":
+                    return lambda rng: textsafety.demonstration(r.prompt, rng)
+                return r.meta["demo"]
             targets = [SafeTagRecord(r.prompt, r.images, r.image_tag, r.text_tag, r.combine_tag,
                                      {"target": fresh(r)}) for r in demos]
             self._cross_entropy_stage(model, targets, self.cfg.data.prompt_style, s.steps, s.lr, "sft")
