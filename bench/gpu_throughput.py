@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from safegrpo.grpo import aggregate, group_advantages, kl_penalty, policy_loss  # noqa: E402
+from safegrpo.grpo import group_advantages, kl_penalty, policy_loss  # noqa: E402
 from safegrpo.model import default_attention  # noqa: E402
 from safegrpo.rollout import generate  # noqa: E402
 from safegrpo.trainer import completion_logprobs  # noqa: E402
@@ -82,6 +82,12 @@ def prompts(model, n: int, text_len: int, grid: int, device) -> dict:
             "mm_token_type_ids": (ids == c.image_token_id).long().to(device)}
 
 
+def sub_batch(batch: dict, a: int, b: int, grid: int) -> dict:
+    """Prompts [a, b) of a `prompts` batch (one image of grid x grid patches each)."""
+    per = grid * grid
+    return {k: (v[a * per:b * per] if k == "pixel_values" else v[a:b]) for k, v in batch.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=list(SIZES), default="3b")
@@ -93,12 +99,18 @@ def main():
     ap.add_argument("--tokens", type=int, default=256, help="new tokens per completion")
     ap.add_argument("--text-len", type=int, default=128)
     ap.add_argument("--grid", type=int, default=16, help="image patches per side (16 -> 64 image tokens)")
-    ap.add_argument("--grad-ckpt", action="store_true")
+    ap.add_argument("--micro-prompts", type=int, default=2,
+                    help="prompts (whole groups) per forward/backward of the update; the token-mean loss "
+                         "is normalised by the step's total token count, so the split does not change it")
+    ap.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=None,
+                    help="gradient checkpointing (default: on for 3b, off for tiny)")
     args = ap.parse_args()
+    if args.grad_ckpt is None:
+        args.grad_ckpt = args.size != "tiny"
     dev = torch.device(args.device)
     attn = default_attention(dev)
     policy = build(args.size, dev, attn).train()
-    ref = build(args.size, dev, attn).eval().requires_grad_(False)
+    ref = build(args.size, dev, attn).eval().requires_grad_(False).to(torch.bfloat16)  # never trained: bf16
     if args.grad_ckpt:
         policy.gradient_checkpointing_enable()
     policy.model.visual.requires_grad_(False)
@@ -106,7 +118,7 @@ def main():
     batch = prompts(policy, args.prompts, args.text_len, args.grid, dev)
     n_img = [1] * args.prompts
     amp = lambda: torch.autocast(dev.type, dtype=torch.bfloat16)
-    G, times, tokens = args.group, [], []
+    G, times, tokens, t_roll, n_new = args.group, [], [], [], []
     gen = torch.Generator(device=dev).manual_seed(0)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for step in range(args.warmup + args.steps):
@@ -117,22 +129,31 @@ def main():
             ro = generate(policy, batch, G, args.tokens, policy.generation_config.eos_token_id,
                           policy.config.text_config.pad_token_id, 1.0, 1.0, gen)
         ids, mask = ro.completion_ids, ro.mask
+        sync()
+        t1 = time.perf_counter()
         rewards = torch.rand(ids.shape[0], generator=torch.Generator().manual_seed(step))
         adv = group_advantages(rewards, G).to(dev)
-        with amp(), torch.no_grad():
-            ref_logp = completion_logprobs(ref, batch, ids, mask, G)
+        n_tok = mask.sum()
         policy.train()
-        with amp():
-            logp = completion_logprobs(policy, batch, ids, mask, G)
-        per_tok = policy_loss(logp, logp.detach(), adv, mask) + 0.01 * kl_penalty(logp, ref_logp) * mask
-        loss = aggregate(per_tok, mask)
-        loss.backward()
+        for a in range(0, args.prompts, args.micro_prompts):    # whole groups per forward/backward
+            b = min(a + args.micro_prompts, args.prompts)
+            mb = sub_batch(batch, a, b, args.grid)
+            rows = slice(a * G, b * G)
+            m = mask[rows]
+            with amp(), torch.no_grad():
+                ref_logp = completion_logprobs(ref, mb, ids[rows], m, G)
+            with amp():
+                logp = completion_logprobs(policy, mb, ids[rows], m, G)
+            per_tok = policy_loss(logp, logp.detach(), adv[rows], m) + 0.01 * kl_penalty(logp, ref_logp) * m
+            (per_tok * m).sum().div(n_tok).backward()                         # token-mean over the step
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+            t_roll.append(t1 - t0)
+            n_new.append(int(mask.sum()))
             tokens.append(int(mask.sum()) + int(batch["attention_mask"].sum()))
     n_params = sum(p.numel() for p in policy.parameters())
     n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
@@ -142,6 +163,8 @@ def main():
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     print(f"gpu_throughput: {name}, {n_params / 1e9:.2f} B parameters ({attn}), {args.prompts} prompts x {G}, "
           f"{args.tokens} new tokens: {t:.2f} s/step, {tok / t:,.0f} tokens/s/GPU per full step"
+          + f" (rollout {statistics.median(t_roll):.2f} s at {statistics.median(n_new) / statistics.median(t_roll):,.0f} "
+          f"new tokens/s, reference + update {t - statistics.median(t_roll):.2f} s)"
           + (f", MFU {100 * flops / t / (peak * 1e12):.1f}% of {peak:.0f} TFLOP/s bf16" if peak else ""))
 
 
