@@ -125,7 +125,7 @@ class TrainConfig:
     micro_batch_prompts: int = 8        # prompts per forward/backward (whole groups)
     micro_batch_tokens: int = 0         # > 0: instead, as many whole groups per forward/backward as fit in
                                         # this many tokens (prompt once + its G completions)
-    save_every: int = 50
+    save_every: int = 50                # 0: only the final checkpoint
     eval_every: int = 0                 # 0 = only at the end
     eval_limit: int = 0                 # 0 = the whole test split
     device: str = "cpu"

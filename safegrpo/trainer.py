@@ -576,7 +576,7 @@ class Trainer:
                     fh.write(json.dumps(m) + "\n")
             bar.set_postfix(reward=f"{m['reward/mean']:.3f}", comb=f"{m['tag_acc/combined']:.2f}",
                             kl=f"{m['kl']:.4f}", refresh=False)
-            if (step + 1) % c.train.save_every == 0 or step + 1 == c.train.steps:
+            if (c.train.save_every and (step + 1) % c.train.save_every == 0) or step + 1 == c.train.steps:
                 last = self.save(step + 1)
         return last
 

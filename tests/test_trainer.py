@@ -115,6 +115,13 @@ def test_non_finite_loss_stops_without_checkpoint(tmp_path, tiny_model_dir, synt
     assert latest_checkpoint(tmp_path / "run" / "checkpoints") is None
 
 
+def test_save_every_zero_writes_only_the_final_checkpoint(tmp_path, tiny_model_dir, synth_dir):
+    cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"train.steps": 2, "train.save_every": 0,
+                                                                       "train.prompts_per_step": 2}))
+    final = Trainer(cfg).fit(init_path=tiny_model_dir)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_2"] and final.name == "step_2"
+
+
 def test_unknown_config_key_is_named(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("grpo:\n  betta: 0.1\n")
