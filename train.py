@@ -51,6 +51,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     cfg.train.device = str(dist.init_from_env(cfg.train.device))   # torchrun: join the process group
+    code = run(cfg, args)
+    if code == 0:          # after a failure torchrun tears the group down; a barrier could pair
+        dist.shutdown()    # with another rank's training collective and hang
+    return code
+
+
+def run(cfg, args) -> int:
+    """Warm start, evaluation, SafeGRPO, evaluation; returns the exit code."""
     t_start = time.time()
     trainer = Trainer(cfg)
     main_rank = dist.is_main()

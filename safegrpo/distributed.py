@@ -57,6 +57,15 @@ def init_from_env(device: str) -> torch.device:
     return dev
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly: wait for every rank (rank 0 may still be evaluating), then
+    destroy it. A rank that exits with the group alive can abort in gloo's threads at teardown
+    ("terminate called without an active exception")."""
+    if active():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if active():
         dist.barrier()
