@@ -112,7 +112,7 @@ def main():
     policy = build(args.size, dev, attn).train()
     ref = build(args.size, dev, attn).eval().requires_grad_(False).to(torch.bfloat16)  # never trained: bf16
     if args.grad_ckpt:
-        policy.gradient_checkpointing_enable()
+        getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
     policy.model.visual.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6, fused=dev.type == "cuda")
     batch = prompts(policy, args.prompts, args.text_len, args.grid, dev)

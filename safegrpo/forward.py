@@ -10,7 +10,9 @@ that cache G times, and run only the completions on top of it:
 
 This is exact (the same attention as the concatenated sequence) and differentiable: the update
 backpropagates through the repeated cache into the prompt pass. It saves (G-1)/G of the prompt
-compute in every phase. The LM head is applied separately (fused log-probs, logprobs.py), so
+compute in every phase. Exception: a model in training mode with Hugging Face's gradient
+checkpointing on, which drops the cache; `full_sequence_hidden` then runs each prompt with its
+completions as one sequence (exact, G copies of the prompt). The LM head is applied separately (fused log-probs, logprobs.py), so
 prompt logits are never computed.
 
 Positions: Qwen-VL models use 3D rotary positions (`model.model.get_rope_index`); text after the
@@ -136,6 +138,8 @@ def completion_hidden(model, batch: dict, completion_ids: torch.Tensor, completi
     by prompt (rows g*G .. g*G+G-1 belong to prompt g). Entry t is the hidden state at the
     position before completion token t (the last prompt position for t = 0).
     """
+    if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        return full_sequence_hidden(model, batch, completion_ids, completion_mask, group_size)
     pos, next_pos = prompt_positions(model, batch)
     last, cache = prefill(model, batch, pos)                                  # [B, H]
     if group_size > 1:
@@ -148,3 +152,35 @@ def completion_hidden(model, batch: dict, completion_ids: torch.Tensor, completi
         h = step(model, completion_ids[:, :-1], mask, cpos, cache)             # [B*G, T-1, H]
         return torch.cat([last.repeat_interleave(group_size, dim=0)[:, None], h], dim=1)
     return last.repeat_interleave(group_size, dim=0)[:, None]
+
+
+def full_sequence_hidden(model, batch: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                         group_size: int) -> torch.Tensor:
+    """`completion_hidden` without a cache: each prompt (and its images) repeated G times and run
+    with its completions as one sequence. Hugging Face's gradient checkpointing drops the KV cache
+    in training mode, which would leave the completions blind to the prompt, so the prompt-once
+    path cannot be used there; this is the exact, slower equivalent. Returns [B*G, T, H]."""
+    G, T, Lp = group_size, completion_ids.shape[1], batch["input_ids"].shape[1]
+    rep = lambda x: x.repeat_interleave(G, dim=0)
+    ids = torch.cat([rep(batch["input_ids"]), completion_ids], 1)                      # [B*G, Lp+T]
+    mask = torch.cat([rep(batch["attention_mask"]), completion_mask.to(batch["attention_mask"].dtype)], 1)
+    kw = {}
+    if is_vision_model(model):
+        mm = batch.get("mm_token_type_ids")
+        mm = torch.zeros_like(batch["input_ids"], dtype=torch.int32) if mm is None else mm
+        kw["mm_token_type_ids"] = torch.cat([rep(mm), torch.zeros_like(completion_ids, dtype=mm.dtype)], 1)
+        if batch.get("image_grid_thw") is not None:                 # regroup each prompt's images G times
+            grid, pix = batch["image_grid_thw"], batch["pixel_values"]
+            per_prompt = (batch["input_ids"] == model.config.vision_start_token_id).sum(-1).tolist()
+            patches = grid.prod(-1).tolist()
+            grids, pixels, i, p = [], [], 0, 0
+            for k in per_prompt:
+                n = int(sum(patches[i:i + k]))
+                grids += [grid[i:i + k]] * G
+                pixels += [pix[p:p + n]] * G
+                i, p = i + k, p + n
+            kw["image_grid_thw"], kw["pixel_values"] = torch.cat(grids), torch.cat(pixels)
+    else:                                                           # positions skip the left padding
+        kw["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    h = base_model(model)(input_ids=ids, attention_mask=mask, use_cache=False, **kw).last_hidden_state
+    return h[:, Lp - 1:Lp - 1 + T]                                  # position t scores token t+1

@@ -116,6 +116,27 @@ def test_prompt_once_forward_matches_full_sequence(setup):
     assert torch.allclose(ours * mask, naive * mask, atol=1e-5)
 
 
+def test_gradient_checkpointing_keeps_the_prompt(tiny_model_dir, synth_dir):
+    """Hugging Face's gradient checkpointing drops the KV cache in training mode; log-probs and
+    gradients must still be those of the prompt-once path (completions see their prompt)."""
+    model, proc = load_model(tiny_model_dir), load_processor(tiny_model_dir)
+    batch = encode_prompts(proc, load_parquet(synth_dir / "test.parquet", limit=3), "compact")
+    eos, pad = ids_of(model, proc)
+    ro = generate(model.eval(), batch, 2, 12, eos, pad, 1.0, 1.0, torch.Generator().manual_seed(3))
+    ids, mask = ro.completion_ids, ro.mask
+
+    def logp_and_grad():
+        model.train()
+        lp = token_logprobs(completion_hidden(model, batch, ids, mask, 2), lm_head_weight(model), ids) * mask
+        g, = torch.autograd.grad(lp.sum(), model.model.language_model.layers[0].self_attn.q_proj.weight)
+        return lp.detach(), g
+
+    lp_ref, g_ref = logp_and_grad()
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    lp_ckpt, g_ckpt = logp_and_grad()
+    assert torch.allclose(lp_ckpt, lp_ref, atol=1e-5) and torch.allclose(g_ckpt, g_ref, atol=1e-5)
+
+
 def test_text_only_causal_lm(tmp_path):
     """The same engine on a plain causal LM (no images)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -146,6 +167,11 @@ def test_text_only_causal_lm(tmp_path):
     Lp = batch["input_ids"].shape[1]
     naive = torch.log_softmax(logits[:, Lp - 1:-1], -1).gather(-1, ours.completion_ids[..., None]).squeeze(-1)
     assert torch.allclose(lp * ours.mask, naive * ours.mask, atol=1e-5)
+    model.train()                              # gradient checkpointing: the full-sequence path, same values
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    h = completion_hidden(model, batch, ours.completion_ids, ours.mask, 1)
+    ckpt = token_logprobs(h, lm_head_weight(model), ours.completion_ids)
+    assert torch.allclose(ckpt * ours.mask, naive * ours.mask, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
@@ -176,3 +202,7 @@ def test_other_qwen_vl_families(family, tmp_path, synth_dir):
     Lp = batch["input_ids"].shape[1]
     naive = torch.log_softmax(logits[:, Lp - 1:-1].float(), -1).gather(-1, ids[..., None]).squeeze(-1)
     assert torch.allclose(ours * mask, naive * mask, atol=1e-5)
+    model.train()                              # the recipes' gradient checkpointing: the same log-probs
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    ckpt = token_logprobs(completion_hidden(model, batch, ids, mask, G), lm_head_weight(model), ids)
+    assert torch.allclose(ckpt * mask, ours * mask, atol=1e-5)
