@@ -1,9 +1,12 @@
 """Batched sampling with a KV cache: G completions per prompt.
 
-    prompts [B, Lp] --prefill once--> cache --repeat G--> decode [B*G] token by token
+    prompts [B, Lp] --prefill once--> cache [B] --> decode [B*G] token by token
 
-The prompt (and its images) goes through the model once per prompt (forward.py), then its cache
-is repeated G times, so vision features and prompt attention are computed B times, not B*G.
+The prompt (and its images) goes through the model once per prompt (forward.py), so vision
+features and prompt attention are computed B times, not B*G. For the supported architectures
+(decode.py: the Qwen-VL families, Qwen2/3, Llama) each decode step runs the lean decoder, whose G
+samples of a prompt attend to that prompt's cache stored once; other models repeat the cache G
+times and decode with the Hugging Face forward (same numbers, slower).
 Each step samples from softmax(logits / temperature) restricted to the top-p nucleus, never
 samples image or video placeholder ids, and stops a row at its first EOS; the loop ends when
 every row has stopped or after max_new_tokens.
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .decode import LeanDecoder, lean_supported
 from .forward import continuation_positions, lm_head_weight, prefill, prompt_positions, step
 
 
@@ -83,16 +87,21 @@ def _sample(probs: torch.Tensor, generator, group_size: int) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, batch: dict, group_size: int, max_new_tokens: int, eos_token_id, pad_token_id: int,
              temperature: float = 1.0, top_p: float = 1.0, generator=None,
-             banned_ids: list[int] | None = None) -> Rollout:
+             banned_ids: list[int] | None = None, lean: bool = True) -> Rollout:
     """Sample group_size completions for each of the B prompts in `batch` (left-padded).
-    `generator`: a torch.Generator, or a list of B of them (one per prompt, see `_sample`)."""
+    `generator`: a torch.Generator, or a list of B of them (one per prompt, see `_sample`).
+    `lean`: decode with `decode.LeanDecoder` where the model is supported (the same numbers
+    without the Hugging Face forward's per-step overhead), else with the Hugging Face step."""
     eos = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id],
                        device=batch["input_ids"].device)
     W = lm_head_weight(model).float()                                            # [V, H], cast once
     banned = banned_ids if banned_ids is not None else banned_token_ids(model)
     pos, next_pos = prompt_positions(model, batch)
-    last, cache = prefill(model, batch, pos, reserve=max_new_tokens)             # [B, H]
-    if group_size > 1:
+    fast = lean and lean_supported(model)
+    last, cache = prefill(model, batch, pos, reserve=0 if fast else max_new_tokens)  # [B, H]
+    if fast:        # the prompt cache stays once per prompt (cascade attention, decode.py)
+        dec = LeanDecoder(model, cache, batch["attention_mask"], group_size, max_new_tokens)
+    elif group_size > 1:
         cache.batch_repeat_interleave(group_size)
     N = last.shape[0] * group_size
     h = last.repeat_interleave(group_size, dim=0)                                # [N, H]
@@ -124,7 +133,10 @@ def generate(model, batch: dict, group_size: int, max_new_tokens: int, eos_token
         done |= hit
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        h = step(model, tok[:, None], attn[:, :Lp + t + 1], continuation_positions(model, next_pos, 1, offset=t),
-                 cache)[:, -1]
+        if fast:
+            h = dec.step(tok, next_pos + t)
+        else:
+            h = step(model, tok[:, None], attn[:, :Lp + t + 1], continuation_positions(model, next_pos, 1, offset=t),
+                     cache)[:, -1]
     T = int(lengths.max())
     return Rollout(out[:, :T].contiguous(), lengths, group_size)

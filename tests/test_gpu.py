@@ -51,3 +51,13 @@ def test_bf16_autocast_grpo_step_is_finite(tmp_path, tiny_model_dir, synth_dir):
     tr.setup_grpo(tiny_model_dir, resume=False)
     m = tr.train_step(0)
     assert all(torch.isfinite(torch.tensor(m[k])) for k in ("loss", "kl", "grad_norm", "entropy"))
+
+
+def test_lean_decode_step_on_gpu(tiny_model_dir, synth_dir):
+    """The lean decoder's CUDA path (fp32) against the Hugging Face step over the same caches."""
+    from test_decode import _compare_steps
+    model = load_model(tiny_model_dir, device="cuda").eval()
+    proc = load_processor(tiny_model_dir)
+    batch = {k: v.cuda() for k, v in encode_prompts(proc, load_parquet(synth_dir / "test.parquet", limit=4),
+                                                    "compact").items()}
+    assert _compare_steps(model, batch, G=4) < 1e-4

@@ -1,0 +1,87 @@
+"""The lean decode step against the Hugging Face step it replaces, family by family."""
+import pytest
+import torch
+
+from safegrpo.data import load_parquet
+from safegrpo.decode import LeanDecoder, lean_supported
+from safegrpo.forward import continuation_positions, prefill, prompt_positions, step
+from safegrpo.model import load_model, load_processor
+from safegrpo.prompting import encode_prompts
+from safegrpo.rollout import generate
+
+
+def _compare_steps(model, batch, G=2, steps=6, seed=0):
+    """Decode the same random tokens with both steps over identical caches; max |hidden diff|."""
+    pos, next_pos = prompt_positions(model, batch)
+    with torch.no_grad():
+        _, prompt_cache = prefill(model, batch, pos)                 # once per prompt (lean)
+        _, cache = prefill(model, batch, pos, reserve=steps)          # repeated G times (Hugging Face)
+        cache.batch_repeat_interleave(G)
+    N, Lp = batch["input_ids"].shape[0] * G, batch["input_ids"].shape[1]
+    next_pos = next_pos.repeat_interleave(G)
+    attn = torch.cat([batch["attention_mask"].repeat_interleave(G, 0),
+                      batch["attention_mask"].new_ones(N, steps)], 1)
+    lean = LeanDecoder(model, prompt_cache, batch["attention_mask"], G, steps)
+    ids = torch.randint(10, model.config.get_text_config().vocab_size - 10, (steps, N),
+                        generator=torch.Generator().manual_seed(seed)).to(batch["input_ids"].device)
+    worst = 0.0
+    with torch.no_grad():
+        for t in range(steps):
+            ours = lean.step(ids[t], next_pos + t)
+            ref = step(model, ids[t][:, None], attn[:, :Lp + t + 1], continuation_positions(model, next_pos, 1, offset=t),
+                       cache)[:, -1]
+            worst = max(worst, (ours - ref).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_lean_step_equals_hf_step_vl(family, tmp_path, synth_dir):
+    from conftest import TINY
+    from safegrpo.model import build_tiny_model_dir
+    d = build_tiny_model_dir(tmp_path / family, TINY, seed=0, family=family)
+    model, proc = load_model(d).eval(), load_processor(d)
+    assert lean_supported(model)
+    batch = encode_prompts(proc, load_parquet(synth_dir / "test.parquet", limit=3), "compact")  # left-padded
+    assert not batch["attention_mask"][:, 0].all()
+    assert _compare_steps(model, batch) < 1e-5
+    eos, pad = model.generation_config.eos_token_id, proc.tokenizer.pad_token_id
+    kw = dict(temperature=1.0, top_p=0.9)
+    a = generate(model, batch, 3, 16, eos, pad, generator=torch.Generator().manual_seed(3), lean=True, **kw)
+    b = generate(model, batch, 3, 16, eos, pad, generator=torch.Generator().manual_seed(3), lean=False, **kw)
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.lengths, b.lengths)
+
+
+def _text_lm(kind, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from safegrpo.model import tiny_corpus, train_tokenizer
+    tok = train_tokenizer(tiny_corpus(), 600)
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                  pad_token_id=tok.pad_token_id)
+    cls, cfg = {"qwen2": (Qwen2ForCausalLM, Qwen2Config), "qwen3": (Qwen3ForCausalLM, Qwen3Config),
+                "llama": (LlamaForCausalLM, LlamaConfig)}[kind]
+    extra = {"head_dim": 16} if kind == "qwen3" else {}      # Qwen3: head_dim not hidden / heads
+    torch.manual_seed(0)
+    cls(cfg(**common, **extra)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    return load_model(tmp_path).eval(), load_processor(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama"])
+def test_lean_step_equals_hf_step_text(kind, tmp_path):
+    from safegrpo.data import SafeTagRecord
+    model, proc = _text_lm(kind, tmp_path)
+    assert lean_supported(model)
+    recs = [SafeTagRecord("How do I keep this clean?", [], "safe", "safe", "safe"),
+            SafeTagRecord("Write a short poem about the sea, please.", [], "safe", "safe", "safe")]
+    batch = encode_prompts(proc, recs, "compact")
+    assert _compare_steps(model, batch, G=3) < 1e-5
+
+
+def test_unsupported_models_fall_back(tmp_path):
+    model, _ = _text_lm("qwen2", tmp_path)
+    model.config.model_type = "gemma"                          # unknown architecture: Hugging Face step
+    assert not lean_supported(model)
+    model.config.model_type = "qwen2"
+    model.model.rotary_emb.rope_type = "dynamic"               # RoPE that changes with the length
+    assert not lean_supported(model)
