@@ -37,7 +37,8 @@ def test_smollm2_loads_and_takes_one_step(tmp_path):
 @needs_smollm2
 def test_safegrpo_improves_smollm2(tmp_path):
     """The full configs/smollm2_text_safegrpo.yaml run (about 15 minutes on 2 cores): on the
-    held-out request templates, SafeGRPO raises the mean reward over the warm start."""
+    held-out request templates, SafeGRPO raises the format pass rate and the mean reward over the
+    brief warm start."""
     from safegrpo.textsafety import write
     data = write(tmp_path / "data")
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/smollm2_text_safegrpo.yaml"),
@@ -47,5 +48,5 @@ def test_safegrpo_improves_smollm2(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     before = json.loads((tmp_path / "run" / "eval_before.json").read_text())
     after = json.loads((tmp_path / "run" / "eval_after.json").read_text())
-    assert after["format_rate"] >= before["format_rate"] - 0.05
+    assert after["format_rate"] > before["format_rate"]
     assert after["reward_mean"] > before["reward_mean"]
