@@ -128,7 +128,7 @@ class LeanDecoder:
         denom = ep.sum(-1, keepdim=True) + eg.sum(-1, keepdim=True)
         out = (torch.matmul(ep.view(B, kvh, G * g, -1).to(Vp.dtype), Vp).view(B, kvh, G, g, d)
                + torch.matmul(eg.to(Vg.dtype), Vg)) / denom                       # [B, kvh, G, g, d]
-        return out.transpose(1, 2).reshape(B * G, kvh * g * d)
+        return out.transpose(1, 2).reshape(B * G, kvh * g * d).to(Vp.dtype)     # as the HF attention returns
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
