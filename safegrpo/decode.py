@@ -4,8 +4,11 @@ module machinery.
 The rollout spends almost all of its time in decode steps that each run one token per sequence.
 At that size the work per layer is a handful of small matmuls, and the Hugging Face forward
 around them (building a causal mask every step, the cache object's bookkeeping, keyword
-plumbing, attention-interface dispatch, autocast and module hooks) costs as much as the math.
-`LeanDecoder.step` runs the same math straight from the model's own weights:
+plumbing, attention-interface dispatch) adds fixed cost per step; with G samples per prompt the
+repeated prompt cache also makes attention read each prompt's keys G times. On the 2-core CPU
+(tiny recipe) the plain lean step saved about 8% of the rollout time and cascade attention
+another ~18% (0.60 -> 0.55 -> 0.45 s). `LeanDecoder.step` runs the same math straight from the
+model's own weights:
 
     x = embed(ids)                                                        [N, H]
     per layer:  h = RMSNorm(x); q, k, v = h Wq + bq, h Wk + bk, h Wv + bv  (q/k RMSNorm: Qwen3)
