@@ -28,7 +28,7 @@ def _eval(trainer, model, name):
     if not recs:
         return None
     path = trainer.out / f"eval_{name}.json"
-    if path.is_file():
+    if name == "before" and path.is_file():      # the warm start does not change on --resume; the policy does
         return json.loads(path.read_text())
     t0 = time.time()
     metrics, completions = evaluate(model, trainer.processor, recs, cfg.data.prompt_style, cfg.rollout.max_new_tokens,

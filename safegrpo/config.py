@@ -61,6 +61,8 @@ class DataConfig:
     max_prompt_length: int = 2048
     filter_overlong_prompts: bool = False
     balance_combined: bool = False      # GRPO draws half its prompts from combine_tag=safe, half from unsafe
+    balance_groups: bool = False        # as balance_combined, and each half split evenly over its SafeTag groups
+                                        # (visual, text, combined): rare groups (compositional) come up more
     skip_invalid: bool = False
     image_root: str = ""
 
@@ -91,6 +93,9 @@ class GRPOConfig:
     refusal_judge: str = "keywords"     # refusal rule of the behaviour reward: keywords (paper) | strict
     entropy_coef: float = 0.0           # entropy bonus per token (the paper: 0)
     freeze_vision_tower: bool = False   # keep the vision encoder fixed during GRPO (a common VLM-RL option)
+    ptx_coef: float = 0.0               # > 0: add this x cross-entropy on warm-start demonstrations with their
+                                        # tag values masked (format anchor, as InstructGPT's PPO-ptx; paper: 0)
+    ptx_batch: int = 16                 # demonstrations per optimizer update for ptx_coef
 
 
 @dataclass

@@ -6,7 +6,8 @@
     4 advantage  group-relative (grpo.group_advantages)
     5 logprobs   reference (if beta > 0) and old policy (if the rollout feeds > 1 update), no grad
     6 update     per mini-batch: clipped surrogate + beta * KL per token, token-mean over the
-                 mini-batch, backward per micro-batch, gradient clip, AdamW step
+                 mini-batch, backward per micro-batch, (optional: + ptx_coef * cross-entropy on
+                 warm-start demonstrations, tag values masked), gradient clip, AdamW step
     7 record     one JSON line in metrics.jsonl; checkpoint every save_every steps
 
 An optional warm-start (`sft`) stage trains on demonstrations first (cross-entropy on the
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -40,6 +42,9 @@ from . import textsafety
 from .judge import refusal_rule
 from .reward import GOLD_KEYS, reward_breakdown
 from .rollout import concat_rollouts, completion_mask, generate
+
+
+_TAG_VALUE = re.compile(r"<(visual_safe|text_safe|combined_safe)>(.*?)</\1>", re.IGNORECASE | re.DOTALL)
 
 
 class NonFiniteError(RuntimeError):
@@ -144,28 +149,40 @@ class EpochSampler:
 
 
 class BalancedSampler:
-    """Half of each draw from one pool of indices, half from the other (e.g. combined-safe and
-    combined-unsafe records), each pool an EpochSampler; counters the majority-label shortcut."""
+    """Fixed shares of each draw from several pools of indices (e.g. combined-safe and
+    combined-unsafe records), each pool an EpochSampler. Pool i gets weights[i] of every
+    sum(weights) draws (equal shares by default), interleaved smoothly (weighted round robin), and
+    the turns carry across draws. Counters majority-label shortcuts."""
 
-    def __init__(self, pools: list[list[int]], seed: int):
-        if any(not p for p in pools):
-            raise ValueError("data.balance_combined needs records with both combine_tag values")
-        self.pools = pools
+    def __init__(self, pools: list[list[int]], seed: int, what: str = "data.balance_combined",
+                 weights: list[int] | None = None):
+        if len(pools) < 2 or any(not p for p in pools):
+            raise ValueError(f"{what} needs records of at least two kinds to balance")
+        weights = weights or [1] * len(pools)
+        self.pools, self.turn = pools, 0
         self.samplers = [EpochSampler(len(p), seed + 7919 * k) for k, p in enumerate(pools)]
+        credit, self.cycle = [0] * len(pools), []
+        for _ in range(sum(weights)):                        # smooth weighted round robin
+            credit = [c + w for c, w in zip(credit, weights)]
+            i = max(range(len(pools)), key=lambda k: credit[k])
+            credit[i] -= sum(weights)
+            self.cycle.append(i)
 
     def take(self, k: int) -> list[int]:
         out = []
-        for j in range(k):
-            pool = j % len(self.pools)
+        for _ in range(k):
+            pool = self.cycle[self.turn % len(self.cycle)]
             out.append(self.pools[pool][self.samplers[pool].take(1)[0]])
+            self.turn += 1
         return out
 
     def state(self) -> dict:
-        return {"pools": [s.state() for s in self.samplers]}
+        return {"pools": [s.state() for s in self.samplers], "turn": self.turn}
 
     def load(self, st: dict):
         for s, ps in zip(self.samplers, st["pools"]):
             s.load(ps)
+        self.turn = st.get("turn", 0)
 
 
 def lr_lambda(warmup: int, total: int, schedule: str):
@@ -303,23 +320,30 @@ class Trainer:
                                           {"target": synth.caption_demo(r)}) for r in demos]
             self._cross_entropy_stage(model, caption_recs, "none", s.caption_steps, s.caption_lr, "caption")
         if s.steps:
-            def fresh(r):   # a demonstration drawn anew at each use where we know how to draw one
-                if r.meta.get("concept"):
-                    return lambda rng: synth.demonstration(r, rng)
-                if r.meta.get("demo_source") == "textsafety":
-                    return lambda rng: textsafety.demonstration(r.prompt, rng)
-                return r.meta["demo"]
-            targets = [SafeTagRecord(r.prompt, r.images, r.image_tag, r.text_tag, r.combine_tag,
-                                     {"target": fresh(r)}) for r in demos]
-            self._cross_entropy_stage(model, targets, self.cfg.data.prompt_style, s.steps, s.lr, "sft")
+            self._cross_entropy_stage(model, self._demo_targets(), self.cfg.data.prompt_style, s.steps, s.lr, "sft")
+
+    def _demo_targets(self) -> list[SafeTagRecord]:
+        """Training records whose meta["target"] is a demonstration, drawn anew at each use where we
+        know how to draw one (SafeTag-Synth, Text-Safety), else the row's fixed `demo`."""
+        def fresh(r):
+            if r.meta.get("concept"):
+                return lambda rng: synth.demonstration(r, rng)
+            if r.meta.get("demo_source") == "textsafety":
+                return lambda rng: textsafety.demonstration(r.prompt, rng)
+            return r.meta["demo"]
+        demos = [r for r in self.train_records if r.meta.get("demo")]
+        if not demos:
+            raise ValueError("the training records carry no 'demo' column, which sft and grpo.ptx_coef need "
+                             "(SafeTag-Synth emits them; other data needs its own demonstrations)")
+        return [SafeTagRecord(r.prompt, r.images, r.image_tag, r.text_tag, r.combine_tag, {"target": fresh(r)})
+                for r in demos]
 
     def _cross_entropy_stage(self, model, records, prompt_style, steps, lr, name):
         s = self.cfg.sft
         opt, sched = self._optimizer(model, lr, s.warmup_steps, steps, "cosine")
         sampler = EpochSampler(len(records), self.cfg.train.seed + 1)
         rng = random.Random(self.cfg.train.seed + 2)  # draws for targets given as rng -> text
-        eos = self.tokenizer.convert_ids_to_tokens(model.generation_config.eos_token_id) \
-            if isinstance(model.generation_config.eos_token_id, int) else self.tokenizer.eos_token
+        eos = self._eos_text(model)
         model.train()
         bar = tqdm(range(steps), desc=name, dynamic_ncols=True, mininterval=2)
         with open(self.out / f"{name}_metrics.jsonl", "w") as log:
@@ -341,14 +365,28 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 log.write(json.dumps({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}) + "\n")
 
-    def _tokenize_completions(self, texts):
-        enc = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        T = max(map(len, enc))
+    def _tokenize_completions(self, texts, mask_tag_values: bool = False):
+        """Padded ids [N, T] and loss mask [N, T]; with mask_tag_values, the tokens overlapping the
+        value of a <visual_safe>/<text_safe>/<combined_safe> tag are left out of the mask."""
+        enc = [self.tokenizer(t, add_special_tokens=False, return_offsets_mapping=mask_tag_values) for t in texts]
+        T = max(len(e["input_ids"]) for e in enc)
         ids = torch.full((len(enc), T), self.tokenizer.pad_token_id, dtype=torch.long)
         for i, e in enumerate(enc):
-            ids[i, :len(e)] = torch.tensor(e)
-        lengths = torch.tensor([len(e) for e in enc])
-        return ids.to(self.device), completion_mask(lengths, T).to(self.device)
+            ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        lengths = torch.tensor([len(e["input_ids"]) for e in enc])
+        mask = completion_mask(lengths, T)
+        if mask_tag_values:
+            for i, (t, e) in enumerate(zip(texts, enc)):
+                spans = [m.span(2) for m in _TAG_VALUE.finditer(t)]
+                for j, (a, b) in enumerate(e["offset_mapping"]):
+                    if any(a < y and b > x for x, y in spans):
+                        mask[i, j] = 0
+        return ids.to(self.device), mask.to(self.device)
+
+    def _eos_text(self, model) -> str:
+        """The text of the token that ends a completion (the model's EOS id, else the tokenizer's)."""
+        eos = model.generation_config.eos_token_id
+        return self.tokenizer.convert_ids_to_tokens(eos) if isinstance(eos, int) else self.tokenizer.eos_token
 
     # --------------------------------------------------------------------------------- GRPO
     def setup_grpo(self, init_path, resume: bool):
@@ -380,11 +418,22 @@ class Trainer:
                 dist.shard(self.ref_fwd)
         self.opt, self.sched = self._optimizer(self.policy, c.optim.lr, c.optim.warmup_steps, tr.steps,
                                                c.optim.schedule)
+        if c.data.balance_combined and c.data.balance_groups:
+            raise ValueError("set at most one of data.balance_combined and data.balance_groups")
         if c.data.balance_combined:
             pools = [[i for i, r in enumerate(self.train_records) if r.combine_tag == t] for t in ("safe", "unsafe")]
             self.sampler = BalancedSampler(pools, tr.seed)
+        elif c.data.balance_groups:   # half per combined tag, each half split evenly over its groups
+            group = lambda r: (r.image_tag, r.text_tag, r.combine_tag)           # noqa: E731
+            kinds = sorted({group(r) for r in self.train_records})
+            pools = [[i for i, r in enumerate(self.train_records) if group(r) == g] for g in kinds]
+            per_tag = {t: sum(g[2] == t for g in kinds) for t in ("safe", "unsafe")}
+            lcm = math.lcm(*(n for n in per_tag.values() if n))
+            self.sampler = BalancedSampler(pools, tr.seed, "data.balance_groups",
+                                           [lcm // per_tag[g[2]] for g in kinds])
         else:
             self.sampler = EpochSampler(len(self.train_records), tr.seed)
+        self.ptx_records = self._demo_targets() if c.grpo.ptx_coef > 0 else None
         self.start_step = 0
         if ckpt is not None:
             st = load_trainer_state(ckpt, self.opt, model=self.policy if dist.active() else None)
@@ -485,6 +534,8 @@ class Trainer:
                 stats["entropy"] += (ent * m).sum().item() / all_tok
                 stats["clip_frac"] += clip_fraction(logp.detach(), old, adv[rows], m, c.grpo.clip_low,
                                                     c.grpo.clip_high).item() * m.sum().item() / all_tok
+            if self.ptx_records is not None:
+                stats["ptx"] = stats.get("ptx", 0.0) + self._ptx_backward(step, u) / n_updates
             gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.optim.grad_clip)
             gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
             _check_finite(gn, "gradient norm", step)
@@ -505,6 +556,31 @@ class Trainer:
         lengths = torch.tensor([x for r in ranks for x in r[3]], dtype=torch.float32)
         tokens = {"prompt": sum(r[4] for r in ranks), "image": sum(r[5] for r in ranks)}
         return self._metrics(step, parts, gold, rewards, lengths, tokens, stats, t_rollout, t_ref, t_update)
+
+    def _ptx_backward(self, step: int, u: int) -> float:
+        """Format anchor (grpo.ptx_coef > 0): backward of ptx_coef x `_ptx_loss`; returns the latter."""
+        loss = self._ptx_loss(step, u)
+        _check_finite(loss.detach(), "ptx loss", step)
+        (self.cfg.grpo.ptx_coef * loss).backward()
+        return loss.item()
+
+    def _ptx_loss(self, step: int, u: int) -> torch.Tensor:
+        """Cross-entropy of grpo.ptx_batch fresh warm-start demonstrations under the policy, on every
+        token but the tag values (their random draws would pull the tags back to a coin; the reward
+        alone decides them). As a loss term it holds the words nothing rewards (caption, restatement,
+        answer wording) where the warm start put them, as InstructGPT's PPO-ptx holds pretraining
+        text. Draws depend only on (seed, step, update, rank), so a resumed run repeats them."""
+        c = self.cfg
+        rng = random.Random(prompt_seed(c.train.seed, step, 1_000_003 + u * dist.world_size() + dist.rank()))
+        recs = rng.sample(self.ptx_records, min(c.grpo.ptx_batch, len(self.ptx_records)))
+        texts = [t(rng) if callable(t) else t for t in (r.meta["target"] for r in recs)]
+        batch = {k: v.to(self.device) for k, v in
+                 encode_prompts(self.processor, recs, c.data.prompt_style, c.data.max_prompt_length).items()}
+        ids, mask = self._tokenize_completions([t + self._eos_text(self.policy) for t in texts],
+                                               mask_tag_values=True)
+        with self.amp():
+            logp = self.policy_fwd(batch, ids, mask, 1, 1.0)                        # [B, T]
+        return -masked_mean(logp, mask)
 
     def _encode(self, recs, rows) -> dict:
         """Prompt tensors of records (on the device); `rows` name them in errors."""
@@ -552,7 +628,7 @@ class Trainer:
         for short, tag in tags.items():
             m[f"tag_acc/{short}"] = sum(p["pred"][tag] == g[GOLD_KEYS[tag]] for p, g in zip(parts, gold)) / n
         m.update({"kl": stats["kl"], "clip_frac": stats["clip_frac"], "entropy": stats["entropy"],
-                  "loss": stats["loss"], "grad_norm": stats["grad_norm"], "lr": self.sched.get_last_lr()[0],
+                  "loss": stats["loss"], "grad_norm": stats["grad_norm"], **({"ptx": stats["ptx"]} if "ptx" in stats else {}), "lr": self.sched.get_last_lr()[0],
                   "response_len/mean": lengths.mean().item(), "response_len/max": lengths.max().item(),
                   "frac_truncated": (lengths >= self.cfg.rollout.max_new_tokens).float().mean().item(),
                   "frac_zero_std_groups": zero_std,

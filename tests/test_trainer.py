@@ -44,22 +44,36 @@ def rows(run_dir):
     return out
 
 
+def warm_start(cfg, model_dir, out, steps):
+    """The format warm start (sft) of the tiny test model, saved to `out`; returns the Trainer."""
+    cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr, cfg.sft.warmup_steps = steps, 8, 3e-3, 5
+    tr = Trainer(cfg)
+    model = tr._load(model_dir)
+    tr.sft(model)
+    model.save_pretrained(out)
+    tr.processor.save_pretrained(out)
+    return tr
+
+
 def run_train(cfg_path, *extra):
     return subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(cfg_path), *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def test_kill_and_resume_gives_the_same_metrics(tmp_path, tiny_model_dir, synth_dir):
+@pytest.mark.parametrize("ptx", [0.0, 1.0])
+def test_kill_and_resume_gives_the_same_metrics(tmp_path, tiny_model_dir, synth_dir, ptx):
     a = tmp_path / "a"
     a.mkdir()
-    done = run_train(tiny_cfg(a, tiny_model_dir, synth_dir, **{"train.steps": 5}))
+    over = {"train.steps": 5, "grpo.ptx_coef": ptx, "grpo.ptx_batch": 4}
+    done = run_train(tiny_cfg(a, tiny_model_dir, synth_dir, **over))
     assert done.returncode == 0, done.stderr[-3000:]
     reference = rows(a / "run")
     assert [r["step"] for r in reference] == [1, 2, 3, 4, 5]
+    assert ("ptx" in reference[0]) == (ptx > 0)
 
     b = tmp_path / "b"
     b.mkdir()
-    cfg = tiny_cfg(b, tiny_model_dir, synth_dir, **{"train.steps": 5})
+    cfg = tiny_cfg(b, tiny_model_dir, synth_dir, **over)
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(cfg)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck = b / "run" / "checkpoints"
@@ -142,12 +156,7 @@ def test_reward_rises_on_a_tiny_set(tmp_path, tiny_model_dir, synth_dir):
         "rollout.group_size": 8, "rollout.max_new_tokens": 80, "optim.lr": 3e-4, "optim.warmup_steps": 2,
         "grpo.beta": 0.0, "train.steps": 24, "train.prompts_per_step": 8, "train.mini_batch_prompts": 8,
         "train.micro_batch_prompts": 8, "train.save_every": 100}))
-    cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr, cfg.sft.warmup_steps = 200, 8, 3e-3, 5
-    tr = Trainer(cfg)
-    model = tr._load(tiny_model_dir)
-    tr.sft(model)
-    model.save_pretrained(tmp_path / "sft")
-    tr.processor.save_pretrained(tmp_path / "sft")
+    tr = warm_start(cfg, tiny_model_dir, tmp_path / "sft", steps=200)
     tr.fit(init_path=tmp_path / "sft")
     r = [m["reward/mean"] for m in rows(tmp_path / "run")]
     assert r[0] > 0.1                                                  # the warm start follows the format
@@ -175,3 +184,78 @@ def test_token_budget_micro_batches_take_the_same_step(tmp_path, tiny_model_dir,
     assert max((out["fixed"][k] - init[k]).abs().max().item() for k in init) > 1e-4
     for k in init:
         torch.testing.assert_close(out["budget"][k], out["fixed"][k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_ptx_leaves_out_exactly_the_tag_values(tmp_path, tiny_model_dir, synth_dir):
+    """The format anchor trains every demonstration token but the three tag values."""
+    import random
+    import re
+    from safegrpo import synth
+    from safegrpo.data import load_parquet
+    tr = Trainer(load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir)))
+    texts = [synth.demonstration(r, random.Random(i)) for i, r in
+             enumerate(load_parquet(synth_dir / "train.parquet", limit=6))]
+    ids, full = tr._tokenize_completions(texts)
+    _, kept = tr._tokenize_completions(texts, mask_tag_values=True)
+    assert (kept <= full).all()
+    for i, t in enumerate(texts):
+        dropped = ids[i][(full[i] == 1) & (kept[i] == 0)].tolist()
+        values = re.findall(r"<(?:visual|text|combined)_safe>(\w+)</", t)
+        assert len(values) == 3
+        assert tr.tokenizer.decode(dropped).replace(" ", "") == "".join(values), (t, dropped)
+
+
+def test_ptx_holds_the_words_nothing_rewards(tmp_path, tiny_model_dir, synth_dir):
+    """From a brief warm start, a force nothing in the reward opposes (here an entropy bonus) drives
+    the policy away from the demonstrations' wording; with grpo.ptx_coef their cross-entropy (tag
+    values left out) stays at the warm start's."""
+    base = {"rollout.group_size": 4, "rollout.max_new_tokens": 16, "optim.lr": 3e-3, "grpo.beta": 0.0,
+            "grpo.entropy_coef": 0.1, "train.steps": 12, "train.prompts_per_step": 4, "train.mini_batch_prompts": 4,
+            "train.micro_batch_prompts": 4, "train.save_every": 100, "data.test": "", "grpo.ptx_batch": 8}
+    cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **base))
+    warm_start(cfg, tiny_model_dir, tmp_path / "sft", steps=60)
+    ce = {}
+    for coef in (None, 0.0, 1.0):                    # None: the warm start itself
+        (tmp_path / str(coef)).mkdir()
+        t = Trainer(load_config(tiny_cfg(tmp_path / str(coef), tiny_model_dir, synth_dir, **base,
+                                         **{"grpo.ptx_coef": coef or 0.0})))
+        if coef is None:
+            t.setup_grpo(tmp_path / "sft", resume=False)
+        else:
+            t.fit(init_path=tmp_path / "sft")
+        t.ptx_records = t._demo_targets()
+        with torch.no_grad():
+            ce[coef] = sum(t._ptx_loss(1000 + k, 0).item() for k in range(4)) / 4
+    assert ce[0.0] > 1.3 * ce[None], ce              # the drift is real
+    assert ce[1.0] < 1.05 * ce[None], ce             # and the anchor holds the wording
+
+
+def test_balanced_sampler_gives_each_pool_an_equal_share():
+    from safegrpo.trainer import BalancedSampler
+    pools = [list(range(0, 10)), list(range(10, 13)), list(range(13, 100))]
+    s = BalancedSampler(pools, seed=0)
+    draws = s.take(7) + s.take(8)                     # turns carry across draws of odd sizes
+    assert [sum(d in p for d in draws) for p in pools] == [5, 5, 5]
+    assert set(pools[1]) <= set(draws)                # a pool is exhausted before it repeats
+    again = BalancedSampler(pools, seed=0)
+    again.take(7)
+    resumed = BalancedSampler(pools, seed=0)
+    resumed.load(again.state())
+    assert resumed.take(8) == draws[7:]
+    weighted = BalancedSampler([list(range(10)), list(range(10, 40))], seed=0, weights=[1, 3]).take(8)
+    assert sum(d < 10 for d in weighted) == 2 and [d < 10 for d in weighted[:4]].count(True) == 1   # interleaved
+    with pytest.raises(ValueError, match="data.balance_groups needs records of at least two kinds"):
+        BalancedSampler([[0, 1]], seed=0, what="data.balance_groups")
+
+
+def test_balance_groups_halves_by_combined_tag_then_splits_by_group(tmp_path, tiny_model_dir, synth_dir):
+    from collections import Counter
+    cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"data.balance_groups": True}))
+    tr = Trainer(cfg)
+    tr.setup_grpo(tiny_model_dir, resume=False)
+    drawn = Counter(tr.train_records[i].meta["group"] for i in tr.sampler.take(80))
+    assert drawn == {"safe/safe/safe": 40, "safe/safe/unsafe": 10, "safe/unsafe/unsafe": 10,
+                     "unsafe/safe/unsafe": 10, "unsafe/unsafe/unsafe": 10}
+    cfg.data.balance_combined = True
+    with pytest.raises(ValueError, match="at most one of data.balance_combined and data.balance_groups"):
+        Trainer(cfg).setup_grpo(tiny_model_dir, resume=False)
