@@ -3,8 +3,8 @@ machine's matmul roofline.
 
     python bench/bench_phases.py [--steps 4] [--warmup 1]
 
-Runs configs/tiny.yaml's GRPO step (16 prompts x 8 samples, 96 new tokens, beta 0.01) on a
-randomly initialised tiny model and reports, per phase (rollout, reference log-probs, update),
+Runs configs/tiny.yaml's GRPO step (16 prompts x 8 samples, 96 new tokens) as the paper has it
+(beta 0.01, no format anchor: grpo.ptx_coef 0) on a randomly initialised tiny model and reports, per phase (rollout, reference log-probs, update),
 seconds and tokens per second (medians). Roofline: the update's model FLOPs, 6 x parameters x
 tokens it runs through (prompt tokens once per prompt, completion tokens once per sample; the
 vision tower is frozen and counted as forward only), divided by its time, against the best
@@ -58,6 +58,7 @@ def main():
         synth = write_synth(tmp / "synth", SynthConfig())
         model_dir = build_tiny_model_dir(tmp / "model", base["model"]["tiny"], seed=0)
         cfg = {**base, "model": {"path": str(model_dir)}, "sft": {"enabled": False},
+               "grpo": {**base["grpo"], "beta": 0.01, "ptx_coef": 0.0},    # the paper's GRPO step alone
                "data": {**base["data"], "train": str(synth / "train.parquet"), "test": str(synth / "test.parquet")},
                "train": {**base["train"], "out_dir": str(tmp / "run"), "steps": args.warmup + args.steps,
                          "save_every": 0, "eval_limit": 0}}
