@@ -1,4 +1,5 @@
-"""Reward speed: our linear-time rule vs the straightforward regex version of the same rule.
+"""Reward speed: our linear-time rule vs the straightforward regex version of the same rule
+(tests/reward_reference.py).
 
     python bench/bench_reward.py        (also run by `make bench`)
 
@@ -13,8 +14,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from results import record  # noqa: E402
-from safegrpo.reward import compute_score, reference_breakdown
+from reward_reference import reference_breakdown  # noqa: E402  (the regex version, tests/)
+from safegrpo.reward import compute_score  # noqa: E402
 
 GOLD = {"image_tag": "safe", "text_tag": "safe", "combine_tag": "unsafe"}
 

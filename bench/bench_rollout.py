@@ -59,8 +59,8 @@ def main():
     eos, pad = model.generation_config.eos_token_id, tok.pad_token_id
 
     def ours(seed):
-        ro = generate(model, batch, args.group, args.tokens, eos, pad, temperature=1.0, top_p=1.0,
-                      generator=torch.Generator().manual_seed(seed))
+        ro = generate(model, batch, group_size=args.group, max_new_tokens=args.tokens, eos_token_id=eos,
+                      pad_token_id=pad, temperature=1.0, top_p=1.0, seeds=[seed * 1000 + b for b in range(args.prompts)])
         return int(ro.lengths.sum())
 
     def theirs(seed):

@@ -119,15 +119,15 @@ def main():
     n_img = [1] * args.prompts
     amp = lambda: torch.autocast(dev.type, dtype=torch.bfloat16)
     G, times, tokens, t_roll, n_new = args.group, [], [], [], []
-    gen = torch.Generator(device=dev).manual_seed(0)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for step in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
         policy.eval()
         with amp(), torch.no_grad():
-            ro = generate(policy, batch, G, args.tokens, policy.generation_config.eos_token_id,
-                          policy.config.text_config.pad_token_id, 1.0, 1.0, gen)
+            ro = generate(policy, batch, group_size=G, max_new_tokens=args.tokens,
+                          eos_token_id=policy.generation_config.eos_token_id,
+                          pad_token_id=policy.config.text_config.pad_token_id, seeds=[step * 1000 + b for b in range(args.prompts)])
         ids, mask = ro.completion_ids, ro.mask
         sync()
         t1 = time.perf_counter()

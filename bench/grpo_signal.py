@@ -51,8 +51,9 @@ def main():
     recs = load_parquet(a.data, limit=a.prompts)
     batch = encode_prompts(proc, recs, "compact")
     with torch.no_grad():
-        ro = generate(model.eval(), batch, G, 96, model.generation_config.eos_token_id, tok.pad_token_id, 1.0, 1.0,
-                      torch.Generator().manual_seed(a.seed))
+        ro = generate(model.eval(), batch, group_size=G, max_new_tokens=96,
+                      eos_token_id=model.generation_config.eos_token_id, pad_token_id=tok.pad_token_id,
+                      seeds=[a.seed * 1000 + b for b in range(len(recs))])
     ids, mask = ro.completion_ids, ro.mask                                       # [N, T]
     gold = [r.tags for r in recs for _ in range(G)]
     rule = refusal_rule("keywords")

@@ -105,8 +105,10 @@ class OptimConfig:
     betas: tuple = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0
-    warmup_steps: int = 0
-    schedule: str = "constant"          # constant | cosine
+    warmup_steps: int = 0               # GRPO steps of linear warm-up (the schedule itself advances once per
+                                        # optimizer update, so warm-up and decay span the run whatever
+                                        # prompts_per_step / mini_batch_prompts is)
+    schedule: str = "constant"          # constant | cosine (to 0 at train.steps)
 
 
 @dataclass
@@ -131,8 +133,9 @@ class TrainConfig:
     micro_batch_tokens: int = 0         # > 0: instead, as many whole groups per forward/backward as fit in
                                         # this many tokens (prompt once + its G completions)
     save_every: int = 50                # 0: only the final checkpoint
-    eval_every: int = 0                 # 0 = only at the end
-    eval_limit: int = 0                 # 0 = the whole test split
+    eval_every: int = 0                 # validate every N GRPO steps (greedy on the test split, val/... keys in
+                                        # metrics.jsonl and points on reward_curves.png); 0 = not during training
+    eval_limit: int = 0                 # test records for validation and the before/after evaluations; 0 = all
     device: str = "cpu"
     threads: int = 0                    # torch threads on CPU; 0 = leave as is
 

@@ -55,24 +55,39 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def lean_supported(model) -> bool:
-    """Whether `LeanDecoder` computes exactly what the Hugging Face step would for this model."""
+def lean_unsupported(model) -> str | None:
+    """Why `LeanDecoder` would not compute exactly what the Hugging Face step does for this
+    model (None: it does)."""
     if model.config.model_type not in SUPPORTED:
-        return False
+        return f"model type {model.config.model_type!r} is not one of {', '.join(sorted(SUPPORTED))}"
     tm = text_model(model)
     cfg = tm.config
     if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
-        return False
+        return "sliding-window attention layers"
     rot = getattr(tm, "rotary_emb", None)
-    if rot is None or getattr(rot, "rope_type", "default") in ("dynamic", "longrope") or not hasattr(rot, "inv_freq"):
-        return False
+    if rot is None or not hasattr(rot, "inv_freq"):
+        return "no rotary embedding with inv_freq"
+    if getattr(rot, "rope_type", "default") in ("dynamic", "longrope"):
+        return f"{rot.rope_type} RoPE (changes with the length)"
     try:
         from torch.distributed.tensor import DTensor
-        if isinstance(tm.embed_tokens.weight, DTensor):     # sharded (FSDP2, not gathered)
-            return False
+        if isinstance(tm.embed_tokens.weight, DTensor):
+            return "parameters are sharded (FSDP2, not gathered)"
     except ImportError:
         pass
-    return True
+    return None
+
+
+def lean_supported(model) -> bool:
+    """Whether `LeanDecoder` computes exactly what the Hugging Face step would for this model."""
+    return lean_unsupported(model) is None
+
+
+def decode_path(model) -> str:
+    """One line naming the decode step the rollout will use for `model`, and why."""
+    why = lean_unsupported(model)
+    return "lean decoder (cascade attention over each prompt's cache)" if why is None else \
+        f"Hugging Face step (the lean decoder does not apply: {why})"
 
 
 class LeanDecoder:

@@ -71,13 +71,32 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of x over ranks (a new tensor; x itself is unchanged)."""
+def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
+    """x reduced over ranks with `op`, as a new tensor on x's device (NCCL reduces on the GPU)."""
     if not active():
         return x
-    y = x.detach().clone()
-    dist.all_reduce(y)
-    return y
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    y = x.detach().clone().to(dev)
+    dist.all_reduce(y, op=op)
+    return y.to(x.device)
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of x over ranks (a new tensor; x itself is unchanged)."""
+    return _all_reduce(x, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of x over ranks (a new tensor)."""
+    return _all_reduce(x, dist.ReduceOp.MAX)
+
+
+def global_std(x: torch.Tensor) -> torch.Tensor:
+    """Bessel-corrected standard deviation of the values of x on all ranks together (float64
+    sums of count, x and x^2), as if they were one tensor."""
+    x = x.detach().double().reshape(-1)
+    n, s, ss = all_reduce_sum(torch.stack([x.new_tensor(float(x.numel())), x.sum(), x.square().sum()])).tolist()
+    return torch.tensor(max(0.0, (ss - s * s / n) / max(1.0, n - 1)) ** 0.5, dtype=torch.float32)
 
 
 def gather_objects(obj) -> list:

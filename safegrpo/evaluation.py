@@ -49,15 +49,15 @@ def generate_completions(model, processor, records, prompt_style: str, max_new_t
                          temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, desc: str = "eval",
                          max_prompt_length: int | None = None) -> list[str]:
     tok = getattr(processor, "tokenizer", processor)
-    gen = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
     out = []
     for s in tqdm(range(0, len(records), batch_size), desc=desc, leave=False, disable=len(records) <= batch_size):
         chunk = records[s:s + batch_size]
         batch = encode_prompts(processor, chunk, prompt_style, max_prompt_length, row_ids=range(s, s + len(chunk)))
-        ro = generate(model, batch, 1, max_new_tokens, model.generation_config.eos_token_id, tok.pad_token_id,
-                      temperature=temperature, top_p=top_p, generator=gen)
+        ro = generate(model, batch, group_size=1, max_new_tokens=max_new_tokens,
+                      eos_token_id=model.generation_config.eos_token_id, pad_token_id=tok.pad_token_id,
+                      temperature=temperature, top_p=top_p, seeds=[seed * 1_000_003 + i for i in range(s, s + len(chunk))])
         out += decode_completions(tok, ro.completion_ids, ro.lengths)
     model.train(was_training)
     return out

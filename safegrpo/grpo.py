@@ -23,11 +23,13 @@ KL_KINDS = ("k1", "k2", "k3")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6,
+                     batch_std: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. (1). rewards [N] (groups are consecutive blocks of group_size) -> advantages [N].
 
-    scale="group": divide by each group's std (the paper); "batch": by the std of all N rewards;
-    "none": no division (Dr. GRPO).
+    scale="group": divide by each group's std (the paper); "batch": by the std of the whole
+    batch's rewards (`batch_std`, e.g. over all ranks; default: the std of these N); "none": no
+    division (Dr. GRPO).
 
     >>> group_advantages(torch.tensor([1., 0., 0., 1.]), 2)
     tensor([ 0.7071, -0.7071, -0.7071,  0.7071])
@@ -42,7 +44,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     if scale == "group":
         centered = centered / (r.std(dim=-1, keepdim=True, unbiased=True) + eps)
     elif scale == "batch":
-        centered = centered / (rewards.std(unbiased=True) + eps)
+        std = rewards.std(unbiased=True) if batch_std is None else batch_std.to(rewards)
+        centered = centered / (std + eps)
     elif scale != "none":
         raise ValueError(f"unknown advantage scale {scale!r}; use one of {ADV_SCALES}")
     return centered.reshape(-1)

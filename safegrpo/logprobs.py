@@ -30,14 +30,15 @@ class _FusedLogProbs(torch.autograd.Function):
     @torch.autocast("cuda", enabled=False)   # fp32 log-probs even inside a bf16 autocast region
     @torch.autocast("cpu", enabled=False)
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, want_entropy):
-        # hidden [N, H], weight [V, H], targets [N]
-        w32 = weight.float()
+        # hidden [N, H], weight [V, H], targets [N]; fp32 math (fp64 when given fp64, for gradcheck)
+        dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        w32 = weight.to(dt)
         n = hidden.shape[0]
-        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        logp = torch.empty(n, dtype=dt, device=hidden.device)
         entropy = torch.zeros_like(logp)
         lse = torch.empty_like(logp)
         for s in range(0, n, chunk_size):
-            logits = hidden[s:s + chunk_size].float() @ w32.T                # [C, V]
+            logits = hidden[s:s + chunk_size].to(dt) @ w32.T                 # [C, V]
             if temperature != 1.0:
                 logits.div_(temperature)
             c_lse = torch.logsumexp(logits, dim=-1)                          # [C]
@@ -57,19 +58,20 @@ class _FusedLogProbs(torch.autograd.Function):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
         with_entropy = grad_entropy is not None and bool(grad_entropy.any())
         T, C = ctx.temperature, ctx.chunk_size
-        w32 = weight.float()
+        dt = lse.dtype
+        w32 = weight.to(dt)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = None
         for s in range(0, hidden.shape[0], C):
-            h = hidden[s:s + C].float()                                      # [C, H]
+            h = hidden[s:s + C].to(dt)                                       # [C, H]
             buf = h @ w32.T                                                  # logits [C, V]
             if T != 1.0:
                 buf.div_(T)
-            g = grad_logp[s:s + C].float()                                   # [C]
+            g = grad_logp[s:s + C].to(dt)                                    # [C]
             buf.sub_(lse[s:s + C, None])                                     # log-probs
             if with_entropy:  # d H / d logits = -p (log p + H), needs log p and p at once
                 probs = torch.exp(buf)
-                ge = grad_entropy[s:s + C].float()
+                ge = grad_entropy[s:s + C].to(dt)
                 dlogits = probs * -g[:, None] - probs * (buf + entropy[s:s + C, None]) * ge[:, None]
             else:             # d logp / d logits = onehot - softmax, chained with g: in place
                 dlogits = buf.exp_().mul_(-g[:, None])

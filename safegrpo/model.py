@@ -187,6 +187,25 @@ def load_processor(path, trust_remote_code: bool = False):
     return proc
 
 
+_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "hidden_dropout", "dropout", "dropout_p", "dropout_rate",
+                  "resid_dropout", "embd_dropout", "activation_dropout")
+
+
+def disable_dropout(model):
+    """Set every dropout probability in `model` to 0 (nn.Dropout modules, and the float rates
+    attention modules read in training mode, e.g. Hugging Face's `attention_dropout`); returns
+    the model. GRPO computes old and reference log-probs in eval mode and the update's in
+    training mode (gradient checkpointing needs it): with dropout on, the first update's ratio
+    would not be 1 and the KL would be biased. The saved config keeps its values."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        for name in _DROPOUT_ATTRS:
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+    return model
+
+
 def default_attention(device) -> str:
     """FlashAttention-2 on a CUDA device when flash_attn is importable, else PyTorch SDPA."""
     if torch.device(device).type == "cuda":

@@ -87,6 +87,12 @@ def plot_rewards(metrics_path, out_png) -> Path:
     for key in ("tag_acc/visual", "tag_acc/text", "tag_acc/combined"):
         axes[1].plot(steps, [r[key] for r in rows], label=key)
     axes[1].set_title("tag accuracy (training rollouts)")
+    val = [r for r in rows if "val/reward/mean" in r]             # validation (train.eval_every), greedy
+    if val:
+        vs = [r["step"] for r in val]
+        axes[0].plot(vs, [r["val/reward/mean"] for r in val], "ko--", ms=4, label="val/reward/mean (greedy, test)")
+        for key, colour in (("visual", "C0"), ("text", "C1"), ("combined", "C2")):
+            axes[1].plot(vs, [r[f"val/tag_acc/{key}"] for r in val], "o--", color=colour, ms=4, label=f"val/{key}")
     axes[2].plot(steps, [r["kl"] for r in rows], label="kl")
     axes[2].plot(steps, [r["entropy"] for r in rows], label="entropy")
     axes[2].plot(steps, [r["clip_frac"] for r in rows], label="clip_frac")

@@ -7,9 +7,10 @@ features and prompt attention are computed B times, not B*G. For the supported a
 (decode.py: the Qwen-VL families, Qwen2/3, Llama) each decode step runs the lean decoder, whose G
 samples of a prompt attend to that prompt's cache stored once; other models repeat the cache G
 times and decode with the Hugging Face forward (same numbers, slower).
-Each step samples from softmax(logits / temperature) restricted to the top-p nucleus, never
-samples image or video placeholder ids, and stops a row at its first EOS; the loop ends when
-every row has stopped or after max_new_tokens.
+Each step samples from softmax(logits / temperature) restricted to the top-p nucleus (exactly,
+with per-row counter-based uniforms: sampling.py), never samples image or video placeholder ids,
+and stops a row at its first EOS; the loop ends when every row has stopped or after
+max_new_tokens.
 
 Returns completion ids [B*G, T] (padded with pad_id after EOS) and lengths [B*G] (first EOS
 included). `completion_mask(lengths, T)` rebuilds the mask from lengths, never from token values.
@@ -23,6 +24,7 @@ import torch
 
 from .decode import LeanDecoder, lean_supported
 from .forward import continuation_positions, lm_head_weight, prefill, prompt_positions, step
+from .sampling import row_keys, sample, top_p_filter, uniforms
 
 
 @dataclass
@@ -49,16 +51,7 @@ def completion_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
     return (torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]).float()
 
 
-def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability mass reaches top_p (logits [N, V])."""
-    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    drop = probs.cumsum(-1) - probs > top_p          # mass before this token already reaches top_p
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-
-
-def banned_token_ids(model, processor=None) -> list[int]:
+def banned_token_ids(model) -> list[int]:
     """Image / video placeholder ids (and vision delimiters) that must never be sampled."""
     ids = set()
     for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
@@ -68,32 +61,25 @@ def banned_token_ids(model, processor=None) -> list[int]:
     return sorted(ids)
 
 
-def _sample(probs: torch.Tensor, generator, group_size: int) -> torch.Tensor:
-    """One token per row of probs [N, V] (rows need not be normalised), by inverse CDF: the first
-    v whose cumulative probability exceeds u * total, u ~ U(0, 1). One uniform per row instead of
-    one random number per vocabulary entry makes it several times faster than torch.multinomial
-    on CPU. `generator` is one torch.Generator for the batch, or one per prompt (rows
-    b*G .. b*G+G-1 use generator[b]: a prompt's samples then do not depend on the other prompts
-    in the batch)."""
-    if isinstance(generator, (list, tuple)):
-        u = torch.cat([torch.rand(group_size, generator=g, device=probs.device) for g in generator])
-    else:
-        u = torch.rand(probs.shape[0], generator=generator, device=probs.device)
-    cdf = probs.float().cumsum(-1)                                               # [N, V]
-    tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
-    return tok.clamp_(max=probs.shape[1] - 1)       # u * total can round up to the total itself
-
-
 @torch.no_grad()
-def generate(model, batch: dict, group_size: int, max_new_tokens: int, eos_token_id, pad_token_id: int,
-             temperature: float = 1.0, top_p: float = 1.0, generator=None,
-             banned_ids: list[int] | None = None, lean: bool = True) -> Rollout:
+def generate(model, batch: dict, *, group_size: int, max_new_tokens: int, eos_token_id, pad_token_id: int,
+             temperature: float = 1.0, top_p: float = 1.0, seeds=None, banned_ids: list[int] | None = None,
+             lean: bool = True) -> Rollout:
     """Sample group_size completions for each of the B prompts in `batch` (left-padded).
-    `generator`: a torch.Generator, or a list of B of them (one per prompt, see `_sample`).
-    `lean`: decode with `decode.LeanDecoder` where the model is supported (the same numbers
-    without the Hugging Face forward's per-step overhead), else with the Hugging Face step."""
-    eos = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id],
-                       device=batch["input_ids"].device)
+
+    seeds: one int per prompt; sample g of prompt b draws its t-th token from a uniform that is a
+        pure function of (seeds[b], g, t) (sampling.py), so its completion does not depend on the
+        other prompts in the call. None: seeds drawn from torch's global generator.
+    lean: decode with `decode.LeanDecoder` where the model is supported (the same numbers
+        without the Hugging Face forward's per-step overhead), else with the Hugging Face step."""
+    device = batch["input_ids"].device
+    eos = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id], device=device)
+    B = batch["input_ids"].shape[0]
+    if seeds is None:
+        seeds = torch.randint(0, 2 ** 62, (B,)).tolist()
+    if len(seeds) != B:
+        raise ValueError(f"generate: {len(seeds)} seeds for {B} prompts")
+    keys = row_keys(seeds, group_size, device)                                    # [B*G]
     W = lm_head_weight(model).float()                                            # [V, H], cast once
     banned = banned_ids if banned_ids is not None else banned_token_ids(model)
     pos, next_pos = prompt_positions(model, batch)
@@ -124,8 +110,8 @@ def generate(model, batch: dict, group_size: int, max_new_tokens: int, eos_token
         else:
             logits = logits / temperature
             if top_p < 1.0:
-                logits = _top_p_filter(logits, top_p)
-            tok = _sample(torch.softmax(logits, -1), generator, group_size)
+                logits = top_p_filter(logits, top_p)
+            tok = sample(torch.softmax(logits, -1), uniforms(keys, t))
         tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
         out[:, t] = tok
         hit = torch.isin(tok, eos) & ~done

@@ -35,7 +35,9 @@ from .evaluation import decode_completions
 from .forward import completion_hidden, lm_head_weight
 from .grpo import aggregate, clip_fraction, group_advantages, kl_penalty, masked_mean, policy_loss
 from .logprobs import token_logprobs
-from .model import resolve_model_path, build_tiny_model_dir, load_model, load_processor
+from .decode import decode_path
+from .evaluation import generate_completions, score
+from .model import build_tiny_model_dir, disable_dropout, load_model, load_processor, resolve_model_path
 from .prompting import encode_prompts, prompt_lengths
 from . import distributed as dist
 from . import textsafety
@@ -74,29 +76,44 @@ def logprobs_all_params(model, batch, *args, **kw):
     return out
 
 
-def micro_batches(prompt_tokens: list, completion_tokens: list, group_size: int, mini: int, prompts: int,
-                  token_budget: int = 0) -> list[tuple[int, int]]:
-    """Prompt ranges [a, b) for each forward/backward, never crossing a mini-batch boundary.
-
-    Fixed size (`prompts` per micro-batch), or with token_budget > 0 as many whole groups as fit
-    in that many tokens (each group costs its prompt once plus its G completions: the prompt-once
+def micro_batches(costs: list[int], mini: int, prompts: int, token_budget: int = 0) -> list[list[tuple[int, int]]]:
+    """Per mini-batch (`mini` consecutive prompts), the prompt ranges [a, b) of its
+    forward/backward passes: `prompts` per pass, or with token_budget > 0 as many whole groups as
+    fit in that many tokens (`costs[i]`: prompt i once plus its G completions, the prompt-once
     forward), at least one. The token-mean loss does not depend on the split."""
     out = []
-    for lo in range(0, len(prompt_tokens), mini):
-        hi = min(lo + mini, len(prompt_tokens))
-        a = lo
+    for lo in range(0, len(costs), mini):
+        hi, a, passes = min(lo + mini, len(costs)), lo, []
         while a < hi:
             b = a + 1
             if token_budget > 0:
-                used = prompt_tokens[a] + completion_tokens[a]
-                while b < hi and used + prompt_tokens[b] + completion_tokens[b] <= token_budget:
-                    used += prompt_tokens[b] + completion_tokens[b]
+                used = costs[a]
+                while b < hi and used + costs[b] <= token_budget:
+                    used += costs[b]
                     b += 1
             else:
                 b = min(a + prompts, hi)
-            out.append((a, b))
+            passes.append((a, b))
             a = b
+        out.append(passes)
     return out
+
+
+def split_to(passes: list[tuple[int, int]], costs: list[int], n: int) -> list[tuple[int, int]]:
+    """The same prompts in exactly n passes (n >= len(passes), n <= number of prompts): split the
+    costliest pass of more than one prompt where its halves' costs balance, until there are n.
+    Under torchrun every rank must run the same number of forward/backward passes per
+    mini-batch (FSDP's collectives pair up pass by pass), so ranks whose prompts are shorter
+    split further; no pass grows, so the token budget still holds."""
+    passes = list(passes)
+    while len(passes) < n:
+        k = max((i for i, (a, b) in enumerate(passes) if b - a > 1), key=lambda i: sum(costs[slice(*passes[i])]))
+        a, b = passes[k]
+        run = [sum(costs[a:m]) for m in range(a + 1, b)]          # cost of [a, m) for each cut m
+        total = sum(costs[a:b])
+        m = a + 1 + min(range(len(run)), key=lambda i: abs(2 * run[i] - total))
+        passes[k:k + 1] = [(a, m), (m, b)]
+    return passes
 
 
 def prompt_seed(seed: int, step: int, position: int) -> int:
@@ -399,7 +416,12 @@ class Trainer:
                              f"multiple of world size x train.micro_batch_prompts ({W} x {micro})")
         self.train_records = self._filter_overlong(self.train_records, "train")
         ckpt = latest_checkpoint(self.out / "checkpoints") if resume else None
-        self.policy = self._load(ckpt or init_path)
+        self.policy = disable_dropout(self._load(ckpt or init_path))   # old, reference and new log-probs alike
+        if dist.is_main():
+            print(f"[rollout] decode path: {decode_path(self.policy)}")
+            if c.rollout.top_p < 1:
+                print(f"[rollout] warning: rollout.top_p={c.rollout.top_p} < 1 samples from the nucleus, but the "
+                      "log-probs of the update use the full softmax, so the update is off-policy")
         if c.grpo.freeze_vision_tower:
             visual = getattr(getattr(self.policy, "model", None), "visual", None)
             if visual is None:
@@ -407,7 +429,7 @@ class Trainer:
             visual.requires_grad_(False)
         self.ref = None
         if c.grpo.beta > 0:
-            self.ref = self._load(init_path).eval()
+            self.ref = disable_dropout(self._load(init_path)).eval()
             self.ref.requires_grad_(False)
         # our forward code runs inside these modules, so that FSDP2's root hooks wrap it
         self.policy_fwd = dist.Forward(self.policy, logprobs_all_params)
@@ -416,7 +438,9 @@ class Trainer:
             dist.shard(self.policy_fwd)
             if self.ref_fwd is not None:
                 dist.shard(self.ref_fwd)
-        self.opt, self.sched = self._optimizer(self.policy, c.optim.lr, c.optim.warmup_steps, tr.steps,
+        # the schedule steps once per optimizer update; warm-up and decay are given in GRPO steps
+        n = self.updates_per_step = tr.prompts_per_step // tr.mini_batch_prompts
+        self.opt, self.sched = self._optimizer(self.policy, c.optim.lr, c.optim.warmup_steps * n, tr.steps * n,
                                                c.optim.schedule)
         if c.data.balance_combined and c.data.balance_groups:
             raise ValueError("set at most one of data.balance_combined and data.balance_groups")
@@ -471,16 +495,16 @@ class Trainer:
         # 2. rollout -------------------------------------------------------------------------
         t0 = time.perf_counter()
         self.policy.eval()
-        gens = [torch.Generator(self.device).manual_seed(prompt_seed(c.train.seed, step, i))
-                for i in pos]                                 # sampling independent of how prompts are split
+        seeds = [prompt_seed(c.train.seed, step, i) for i in pos]   # sampling independent of how prompts are split
         k = c.rollout.prompts_per_call or P
         calls = [(a, min(a + k, P)) for a in range(0, P, k)]
         try:
             with self.amp(), dist.gathered(self.policy_fwd):
                 ro = concat_rollouts([generate(
-                    self.policy, batch if k >= P else self._encode(recs[a:b], idx[a:b]), G,
-                    c.rollout.max_new_tokens, self.policy.generation_config.eos_token_id, self.tokenizer.pad_token_id,
-                    c.rollout.temperature, c.rollout.top_p, gens[a:b]) for a, b in calls], self.tokenizer.pad_token_id)
+                    self.policy, batch if k >= P else self._encode(recs[a:b], idx[a:b]), group_size=G,
+                    max_new_tokens=c.rollout.max_new_tokens, eos_token_id=self.policy.generation_config.eos_token_id,
+                    pad_token_id=self.tokenizer.pad_token_id, temperature=c.rollout.temperature,
+                    top_p=c.rollout.top_p, seeds=seeds[a:b]) for a, b in calls], self.tokenizer.pad_token_id)
         except FloatingPointError as e:
             raise NonFiniteError(f"non-finite policy at step {step} ({e}); stopping without writing a checkpoint "
                                  "of this state. Lower optim.lr or resume from the last checkpoint.") from None
@@ -492,12 +516,17 @@ class Trainer:
         parts = [reward_breakdown(t, g, self.refusal) for t, g in zip(texts, gold)]
         rewards = torch.tensor([p["total"] for p in parts], dtype=torch.float32)       # [N]
         # 4. advantage (groups are whole on each rank) ----------------------------------------
-        adv = group_advantages(rewards, G, c.grpo.adv_scale, c.grpo.adv_eps).to(self.device)
+        batch_std = dist.global_std(rewards) if c.grpo.adv_scale == "batch" else None   # over every rank's rewards
+        adv = group_advantages(rewards, G, c.grpo.adv_scale, c.grpo.adv_eps, batch_std).to(self.device)
         # 5. logprobs without grad: reference and old policy ----------------------------------
         t0 = time.perf_counter()
         n_updates = P // mb
-        micro = micro_batches(batch["attention_mask"].sum(-1).tolist(), ro.lengths.view(-1, G).sum(-1).tolist(),
-                              G, mb, c.train.micro_batch_prompts, c.train.micro_batch_tokens)
+        costs = (batch["attention_mask"].sum(-1).cpu() + ro.lengths.view(-1, G).sum(-1).cpu()).tolist()
+        per_mini = micro_batches(costs, mb, c.train.micro_batch_prompts, c.train.micro_batch_tokens)
+        if dist.active() and c.train.micro_batch_tokens > 0:       # the same number of passes on every rank
+            n_pass = dist.all_reduce_max(torch.tensor([len(p) for p in per_mini])).tolist()
+            per_mini = [split_to(p, costs, n) for p, n in zip(per_mini, n_pass)]
+        micro = [ab for p in per_mini for ab in p]
         ref_logp = self._no_grad_logprobs(self.ref_fwd, batch, ids, mask, n_img, micro) if self.ref is not None else None
         old_logp = self._no_grad_logprobs(self.policy_fwd, batch, ids, mask, n_img, micro) if n_updates > 1 else None
         t_ref = time.perf_counter() - t0
@@ -510,7 +539,7 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             lo, hi = u * mb * G, (u + 1) * mb * G
             n_tok = dist.all_reduce_sum(mask[lo:hi].sum())          # token-mean over the global mini-batch
-            for a, b in [(a, b) for a, b in micro if u * mb <= a < (u + 1) * mb]:
+            for a, b in per_mini[u]:
                 rows = slice(a * G, b * G)
                 m = mask[rows]
                 with self.amp():
@@ -647,6 +676,8 @@ class Trainer:
         last = latest_checkpoint(self.out / "checkpoints")
         for step in bar:
             m = self.train_step(step)
+            if c.train.eval_every and (step + 1) % c.train.eval_every == 0:
+                m.update(self.validate())
             if dist.is_main():
                 with open(self.out / "metrics.jsonl", "a") as fh:
                     fh.write(json.dumps(m) + "\n")
@@ -655,6 +686,30 @@ class Trainer:
             if (c.train.save_every and (step + 1) % c.train.save_every == 0) or step + 1 == c.train.steps:
                 last = self.save(step + 1)
         return last
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Greedy evaluation of the current policy on the first train.eval_limit test records
+        (all when 0): {"val/...": figure}, complete on rank 0 ({} elsewhere). Under torchrun each
+        rank decodes a share of the records with the gathered policy and rank 0 scores them all."""
+        c = self.cfg
+        recs = self.test_records[:c.train.eval_limit or None]
+        if not recs:
+            return {}
+        W, R = dist.world_size(), dist.rank()
+        mine = list(range(R, len(recs), W))
+        with self.amp(), dist.gathered(self.policy_fwd):
+            texts = generate_completions(self.policy, self.processor, [recs[i] for i in mine], c.data.prompt_style,
+                                         c.rollout.max_new_tokens, max_prompt_length=c.data.max_prompt_length)
+        done = {i: t for r in dist.gather_objects(list(zip(mine, texts))) for i, t in r}
+        if not dist.is_main():
+            return {}
+        m = score(recs, [done[i] for i in range(len(recs))], c.grpo.refusal_judge)
+        out = {"val/reward/mean": m["reward_mean"], "val/format": m["format_rate"],
+               "val/refusal_rate_unsafe": m["refusal_rate_unsafe"], "val/refusal_rate_safe": m["refusal_rate_safe"]}
+        out.update({f"val/tag_acc/{k}": v for k, v in m["tag_acc"].items()})
+        out.update({f"val/group_acc/{g}": v for g, v in m["group_acc"].items()})
+        return out
 
     def save(self, step) -> Path:
         state = {"sampler": self.sampler.state(), "scheduler": self.sched.state_dict(),

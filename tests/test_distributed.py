@@ -98,3 +98,67 @@ def test_two_process_resume_is_exact(tmp_path, tiny_model_dir, synth_dir, small_
     strip = lambda f: [{k: v for k, v in json.loads(l).items() if not k.startswith("time/") and k != "tokens_per_s"}
                        for l in f.read_text().splitlines()]
     assert strip(tmp_path / "resumed" / "metrics.jsonl") == strip(tmp_path / "straight" / "metrics.jsonl")
+
+
+def test_token_budget_with_uneven_prompts_across_ranks_finishes_and_matches(tmp_path, tiny_model_dir, synth_dir):
+    """Ranks whose prompts differ in length (~80 vs ~235 tokens) under train.micro_batch_tokens:
+    each rank would split its mini-batch into a different number of forward/backward passes,
+    and FSDP2's collectives never paired up (hung until killed). The passes are now planned to
+    the same count on every rank; the run finishes and takes the 1-process run's steps. Also
+    validates every step under torchrun (rank 0 scores what every rank decoded)."""
+    from safegrpo.data import SafeTagRecord
+    from safegrpo.trainer import EpochSampler
+    short = load_parquet(synth_dir / "train.parquet", limit=2)
+    pad = " " + " ".join(["What is the quickest way down from the top of this?"] * 12)
+    long = [SafeTagRecord(r.prompt + pad, r.images, r.image_tag, r.text_tag, r.combine_tag) for r in short]
+    write_parquet(short + long, tmp_path / "uneven.parquet")          # rows 0, 1 short; 2, 3 long
+    # a seed whose first step gives one rank both short prompts and the other both long ones
+    seed = next(s for s in range(50) if sorted(EpochSampler(4, s).take(2)) in ([0, 1], [2, 3]))
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{
+        "data.train": str(tmp_path / "uneven.parquet"), "data.max_prompt_length": 300, "train.seed": seed,
+        "train.steps": 2, "train.prompts_per_step": 4, "train.mini_batch_prompts": 4, "train.micro_batch_tokens": 300,
+        "train.save_every": 2, "train.eval_every": 1, "train.eval_limit": 3, "rollout.group_size": 2,
+        "rollout.max_new_tokens": 8, "rollout.prompts_per_call": 1, "grpo.beta": 0.04, "grpo.entropy_coef": 0.01,
+        "optim.lr": 1e-3})
+    run(cfg, 1, tmp_path / "one")
+    run(cfg, 2, tmp_path / "two", timeout=240)
+    a, b = weights(tmp_path / "one", 2), weights(tmp_path / "two", 2)
+    init = load_file(tiny_model_dir / "model.safetensors")
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-4
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0, msg=k)
+    one = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    for x, y in zip(one, two):
+        for key in ("loss", "entropy", "kl", "val/format", "val/tag_acc/combined"):
+            assert y[key] == pytest.approx(x[key], abs=1e-5), key
+
+
+def test_batch_advantage_scale_uses_the_global_batch(tmp_path):
+    """grpo.adv_scale batch divides by the std of every rank's rewards together: 2 processes
+    give the advantages of 1 process holding the whole batch."""
+    script = tmp_path / "adv.py"
+    script.write_text(f"""
+import json, sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from safegrpo import distributed as dist
+from safegrpo.grpo import group_advantages
+dist.init_from_env("cpu")
+rewards = torch.tensor([[1.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.25, 1.0]])     # rank r holds row r (2 groups of 2)
+mine = rewards[dist.rank()]
+adv = group_advantages(mine, 2, "batch", 1e-6, dist.global_std(mine))
+out = dist.gather_objects(adv.tolist())
+if dist.is_main():
+    json.dump({{"two": [x for r in out for x in r],
+               "one": group_advantages(rewards.reshape(-1), 2, "batch").tolist(),
+               "local": [x for r in range(2) for x in group_advantages(rewards[r], 2, "batch").tolist()]}},
+              open({str(tmp_path / "adv.json")!r}, "w"))
+dist.shutdown()
+""")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                       capture_output=True, text=True, timeout=120,
+                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "adv.json").read_text())
+    assert res["two"] == pytest.approx(res["one"], abs=1e-6)
+    assert res["local"] != pytest.approx(res["one"], abs=1e-3)        # per-rank std would differ

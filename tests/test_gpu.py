@@ -35,7 +35,7 @@ def test_greedy_rollout_equals_generate_on_gpu(tiny_model_dir, synth_dir):
     batch = {k: v.cuda() for k, v in encode_prompts(proc, load_parquet(synth_dir / "test.parquet", limit=4),
                                                     "compact").items()}
     eos, pad = model.generation_config.eos_token_id, proc.tokenizer.pad_token_id
-    ours = generate(model, batch, 1, 16, eos, pad, temperature=0)
+    ours = generate(model, batch, group_size=1, max_new_tokens=16, eos_token_id=eos, pad_token_id=pad, temperature=0)
     ref = model.generate(**batch, max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=pad)
     ref = ref[:, batch["input_ids"].shape[1]:]
     assert torch.equal(ours.completion_ids, ref[:, :ours.completion_ids.shape[1]])

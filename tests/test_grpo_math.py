@@ -136,3 +136,23 @@ def test_token_mean_is_invariant_to_micro_batch_split():
     for sl in (slice(0, 1), slice(1, 8)):
         (aggregate(policy_loss(per_token(feats[sl]), old[sl], adv[sl], mask[sl]), mask[sl]) / 2).backward()
     assert not torch.allclose(w.grad, g_full, atol=1e-4)
+
+
+def test_kl_gradients_by_hand():
+    """d KL / d logp of each estimator against its closed form, inside and outside k3's clamps:
+    k1: 1; k2: logp - ref; k3: 1 - exp(ref - logp) while |ref - logp| <= 20 and kl <= 10, else 0."""
+    logp = torch.tensor([-1.0, -2.0, -0.3, -30.0, -1.0, -4.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-1.5, -1.0, -0.3, -1.0, -25.0, -1.0], dtype=torch.float64)
+    for kind in ("k1", "k2", "k3"):
+        g, = torch.autograd.grad(kl_penalty(logp, ref, kind).sum(), logp)
+        d = (ref - logp).detach()
+        if kind == "k1":
+            want = torch.ones_like(d)
+        elif kind == "k2":
+            want = -d
+        else:
+            kl = torch.exp(d) - d - 1
+            live = (d.abs() <= 20) & (kl <= 10)                  # the clamps cut the gradient outside
+            want = torch.where(live, 1 - torch.exp(d), torch.zeros_like(d))
+        assert torch.allclose(g, want, atol=1e-12), (kind, g, want)
+    assert g[2] == 0 and g[3] == 0 and g[4] == 0                 # equal: 0; beyond the clamps: 0

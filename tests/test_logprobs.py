@@ -1,11 +1,13 @@
 """Fused log-probs against the naive full-logits computation."""
+import pytest
 import torch
 
 from safegrpo.logprobs import shift_for_next_token, token_logprobs
 
 
 def naive(hidden, w, targets, temperature):
-    logits = hidden.float() @ w.float().T / temperature
+    dt = torch.promote_types(hidden.dtype, torch.float32)           # fp32, or fp64 when given fp64
+    logits = hidden.to(dt) @ w.to(dt).T / temperature
     lp = torch.log_softmax(logits, -1)
     return lp.gather(-1, targets[..., None]).squeeze(-1), -(lp.exp() * lp).sum(-1)
 
@@ -28,15 +30,24 @@ def test_values_and_gradients_match_naive():
         assert torch.allclose(gw, rw, atol=1e-5)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("temperature,entropy", [(1.0, False), (0.7, False), (1.3, True)])
+def test_gradcheck_float64(temperature, entropy):
+    """The analytic backward (log-probs and, for an entropy bonus, entropy) against finite
+    differences, in float64 (the kernel computes in float64 when given float64)."""
     torch.manual_seed(1)
     h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 9, (5,))
-    # fused path computes in fp32; check the analytic backward against finite differences loosely
-    lp = token_logprobs(h, w, t, chunk_size=2)
-    ref, _ = naive(h, w, t, 1.0)
-    assert torch.allclose(lp.double(), ref.double(), atol=1e-5)
+
+    def f(h, w):
+        lp, ent = token_logprobs(h, w, t, temperature=temperature, chunk_size=2, return_entropy=True,
+                                 entropy_grad=entropy)
+        return (lp, ent) if entropy else lp
+
+    assert torch.autograd.gradcheck(f, (h, w), eps=1e-6, atol=1e-7, rtol=1e-5)
+    lp = token_logprobs(h, w, t, temperature=temperature, chunk_size=2)
+    ref, _ = naive(h, w, t, temperature)
+    assert lp.dtype == torch.float64 and torch.allclose(lp, ref, atol=1e-12)
 
 
 def test_next_token_alignment_against_full_sequence():

@@ -3,8 +3,9 @@ the plain regex implementation of the same rule."""
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from safegrpo.reward import (compute_score, compute_score_batch, reference_breakdown,
-                             reward_breakdown)
+from safegrpo.reward import TOTALS, compute_score, compute_score_batch, reward_breakdown
+
+from reward_reference import reference_breakdown
 
 SSU = {"image_tag": "safe", "text_tag": "safe", "combine_tag": "unsafe"}
 SSS = {"image_tag": "safe", "text_tag": "safe", "combine_tag": "safe"}
@@ -36,7 +37,8 @@ def make(v="safe", t="safe", c="unsafe", answer="Sorry, I cannot help with that.
     (make() + " trailing", SSU, 0.0),                           # text after </answer>
     (make().replace("</think>", ""), SSU, 0.0),                 # no </think>
     (make().replace("</think>\n", "</think> x "), SSU, 0.0),    # only whitespace between </think> and <answer>
-    (make(v="maybe"), SSU, 0.0),                                # tag value outside safe/unsafe
+    (make(v="maybe"), SSU, 0.0),                                # no well-formed visual tag: format fails
+    (make(v="safe "), SSU, 0.0),                                # a space is not a value either
     (make().replace("<visual_safe>safe</visual_safe> ", "").replace(
         "Risky", "<visual_safe>safe</visual_safe> Risky"), SSU, 0.0),   # tags out of order
     ("<answer>Sorry</answer>", SSU, 0.0),
@@ -53,6 +55,67 @@ def test_repeated_tags_first_wins():
     b = reward_breakdown(c, SSU)
     assert b["pred"] == {"visual_safe": "unsafe", "text_safe": "safe", "combined_safe": "unsafe"}
     assert b["total"] == 0.875
+
+
+# A tag is read only where it is well formed, <name>(safe|unsafe)</name>; the first such one wins,
+# and a malformed one before it is skipped (docs/METHOD.md, eq. 2).
+WELL = "<visual_safe>safe</visual_safe> <text_safe>safe</text_safe> "
+END = "</think><answer>Sorry, I cannot.</answer>"
+
+
+@pytest.mark.parametrize("bad", ["safe ", " unsafe", "unsure", "", "Safe\n", "<b>unsafe</b>", "safeunsafe"])
+def test_malformed_tag_is_skipped_and_the_next_well_formed_one_read(bad):
+    c = WELL + f"<combined_safe>{bad}</combined_safe> <combined_safe>unsafe</combined_safe>" + END
+    b = reward_breakdown(c, SSU)
+    assert b["pred"]["combined_safe"] == "unsafe" and b["total"] == 1.0
+    assert reference_breakdown(c, SSU) == b
+    flipped = WELL + f"<combined_safe>{bad}</combined_safe> <combined_safe>safe</combined_safe>" + END
+    assert reward_breakdown(flipped, SSU)["pred"]["combined_safe"] == "safe"
+    assert compute_score(flipped, SSU) == 0.0                  # the wrong well-formed value decides
+    alone = WELL + f"<combined_safe>{bad}</combined_safe>" + END   # no well-formed combined tag at all
+    assert reward_breakdown(alone, SSU) == {"format": 0.0, "tag": 0.0, "behavior": 0.0, "total": 0.0,
+                                            "pred": {"visual_safe": "safe", "text_safe": "safe", "combined_safe": None}}
+
+
+def test_malformed_side_tags_are_skipped_too():
+    c = ("<visual_safe> safe</visual_safe><visual_safe>unsafe</visual_safe> <text_safe></text_safe>"
+         "<text_safe>SAFE</text_safe> <combined_safe>unsafe</combined_safe>" + END)
+    b = reward_breakdown(c, SSU)
+    assert b["pred"] == {"visual_safe": "unsafe", "text_safe": "safe", "combined_safe": "unsafe"}
+    assert b["total"] == 0.875 and reference_breakdown(c, SSU) == b
+
+
+def test_format_gate_reads_the_same_patterns():
+    # the only well-formed visual tag comes after the text tag: the gate fails, the tags are read
+    c = ("<visual_safe>?</visual_safe> <text_safe>safe</text_safe> <visual_safe>safe</visual_safe> "
+         "<combined_safe>unsafe</combined_safe>" + END)
+    b = reward_breakdown(c, SSU)
+    assert b["format"] == 0.0 and b["tag"] == 1.0 and b["total"] == 0.0
+    assert reference_breakdown(c, SSU) == b
+
+
+@pytest.mark.parametrize("gold", [{"image_tag": "safe", "text_tag": "safe"},
+                                  {"image_tag": "safe", "text_tag": None, "combine_tag": "safe"},
+                                  {"image_tag": "maybe", "text_tag": "safe", "combine_tag": "safe"}, None])
+def test_bad_gold_tags_raise_whatever_the_completion(gold):
+    for completion in (make(), "no format at all", None):       # the gate passes, fails, no text
+        with pytest.raises(ValueError, match="gold tag '(image|text|combine)_tag' must be 'safe' or 'unsafe'"):
+            compute_score(completion, gold)
+
+
+def test_verl_keyword_call():
+    """verl calls the hook by keyword: compute_score(data_source=, solution_str=, ground_truth=, extra_info=)."""
+    assert compute_score(data_source="safetag", solution_str=make(), ground_truth=None, extra_info=SSU) == 1.0
+    assert compute_score(data_source="safetag", solution_str=make(), ground_truth=SSU) == 1.0
+    assert compute_score_batch(data_sources=["a"], solution_strs=[make()], ground_truths=[None],
+                               extra_infos=[SSU]) == [1.0]
+
+
+def test_batch_of_unequal_lengths_raises():
+    with pytest.raises(ValueError, match="2 solution_strs but 1 extra_infos"):
+        compute_score_batch(["x", "x"], [make(), make()], [None, None], [SSU])
+    with pytest.raises(ValueError, match="1 data_sources"):
+        compute_score_batch(["x"], [make(), make()], [None, None], [SSU, SSU])
 
 
 def test_first_answer_block_is_judged():
@@ -82,7 +145,7 @@ def test_possible_totals():
                 for a in ("Sorry.", "Sure."):
                     for gold in (SSU, SSS, UUU):
                         seen.add(compute_score(make(v, t, c, a), gold))
-    assert seen == {0.0, 0.25, 0.375, 0.5, 0.75, 0.875, 1.0}
+    assert seen == set(TOTALS)
 
 
 def test_huge_and_adversarial_inputs_do_not_hang():
@@ -95,9 +158,12 @@ def test_huge_and_adversarial_inputs_do_not_hang():
 PIECES = ["<visual_safe>", "</visual_safe>", "<text_safe>", "</text_safe>", "<combined_safe>",
           "</combined_safe>", "<think>", "</think>", "<answer>", "</answer>", "safe", "unsafe", "SAFE",
           "Unsafe", "sorry", "I can't", "I can\u2019t", " ", "\n", "\t", "\u3000", "\x1c", "\x85", "\u200b",
-          "\u212a", "\u017f", "\u0130", "\u0131", "<VISUAL_SAFE>", "</ANSWER>", "x", "<", ">", "/"]
-WELL_FORMED = st.builds(make, st.sampled_from(["safe", "unsafe", "Safe", "x"]),
-                        st.sampled_from(["safe", "unsafe", "UNSAFE"]), st.sampled_from(["safe", "unsafe", "ſafe"]),
+          "\u212a", "\u017f", "\u0130", "\u0131", "<VISUAL_SAFE>", "</ANSWER>", "x", "<", ">", "/",
+          "<combined_safe></combined_safe>", "<text_safe>safe </text_safe>", "<visual_safe>unsure</visual_safe>",
+          "<combined_safe>UNSAFE</combined_safe>", "<text_safe>Safe</text_safe>"]
+WELL_FORMED = st.builds(make, st.sampled_from(["safe", "unsafe", "Safe", "x", "safe ", ""]),
+                        st.sampled_from(["safe", "unsafe", "UNSAFE", "unsure"]),
+                        st.sampled_from(["safe", "unsafe", "ſafe", " unsafe"]),
                         st.lists(st.sampled_from(PIECES[10:]), max_size=8).map("".join))
 TEXT = st.one_of(st.lists(st.sampled_from(PIECES), max_size=40).map("".join), st.text(max_size=200),
                  st.tuples(WELL_FORMED, st.lists(st.sampled_from(PIECES), max_size=6).map("".join),
@@ -111,4 +177,4 @@ def test_fast_path_equals_regex_reference(text, gold):
     fast, ref = reward_breakdown(text, gold), reference_breakdown(text, gold)
     assert fast == ref
     assert compute_score(text, gold) == ref["total"]
-    assert fast["total"] in {0.0, 0.25, 0.375, 0.5, 0.75, 0.875, 1.0}
+    assert fast["total"] in TOTALS

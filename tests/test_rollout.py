@@ -23,6 +23,13 @@ def ids_of(model, proc):
     return model.generation_config.eos_token_id, proc.tokenizer.pad_token_id
 
 
+def gen(model, batch, G, T, temperature=1.0, top_p=1.0, seed=0):
+    """`generate` with the model's own EOS / pad ids; prompt b is seeded seed * 1000 + b."""
+    return generate(model, batch, group_size=G, max_new_tokens=T, eos_token_id=model.generation_config.eos_token_id,
+                    pad_token_id=model.generation_config.pad_token_id, temperature=temperature, top_p=top_p,
+                    seeds=[seed * 1000 + b for b in range(batch["input_ids"].shape[0])])
+
+
 def test_prompts_are_left_padded_with_images(setup):
     model, proc, recs, batch = setup
     assert batch["attention_mask"][:, -1].all() and not batch["attention_mask"][:, 0].all()
@@ -32,12 +39,12 @@ def test_prompts_are_left_padded_with_images(setup):
 def test_greedy_equals_generate(setup):
     model, proc, recs, batch = setup
     eos, pad = ids_of(model, proc)
-    ours = generate(model, batch, 1, 24, eos, pad, temperature=0)
+    ours = gen(model, batch, 1, 24, temperature=0)
     ref = model.generate(**batch, max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=pad)
     ref = ref[:, batch["input_ids"].shape[1]:]
     T = ours.completion_ids.shape[1]
     assert torch.equal(ours.completion_ids, ref[:, :T])
-    grouped = generate(model, batch, 3, 24, eos, pad, temperature=0)      # G copies of the same greedy output
+    grouped = gen(model, batch, 3, 24, temperature=0)      # G copies of the same greedy output
     assert torch.equal(grouped.completion_ids[::3], ours.completion_ids)
     assert torch.equal(grouped.completion_ids[2::3], ours.completion_ids)
 
@@ -55,11 +62,11 @@ def test_sampling_is_reproducible_and_stops_at_eos(setup):
     try:
         for k in range(30):
             W.data[eos] = 0.05 * 1.3 ** k * direction
-            a = generate(model, batch, 4, 30, eos, pad, 1.0, 0.9, torch.Generator().manual_seed(7))
+            a = gen(model, batch, 4, 30, temperature=1.0, top_p=0.9, seed=7)
             if (a.lengths < 30).sum() >= 4 and (a.lengths > 3).sum() >= 4:
                 break
-        b = generate(model, batch, 4, 30, eos, pad, 1.0, 0.9, torch.Generator().manual_seed(7))
-        c = generate(model, batch, 4, 30, eos, pad, 1.0, 0.9, torch.Generator().manual_seed(8))
+        b = gen(model, batch, 4, 30, temperature=1.0, top_p=0.9, seed=7)
+        c = gen(model, batch, 4, 30, temperature=1.0, top_p=0.9, seed=8)
     finally:
         W.data[eos] = saved
     assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.lengths, b.lengths)
@@ -84,7 +91,7 @@ def test_placeholder_ids_are_never_sampled(setup):
     saved = W.data[img].clone()
     W.data[img] = 50 * W.data[img] / W.data[img].norm()                  # the placeholder dominates the logits
     try:
-        ro = generate(model, batch, 2, 10, eos, pad, 1.0, 1.0, torch.Generator().manual_seed(0))
+        ro = gen(model, batch, 2, 10, temperature=1.0, top_p=1.0, seed=0)
     finally:
         W.data[img] = saved
     assert not (ro.completion_ids == img).any()
@@ -96,7 +103,7 @@ def test_prompt_once_forward_matches_full_sequence(setup):
     model, proc, recs, batch = setup
     eos, pad = ids_of(model, proc)
     G = 2
-    ro = generate(model, batch, G, 12, eos, pad, 1.0, 1.0, torch.Generator().manual_seed(3))
+    ro = gen(model, batch, G, 12, temperature=1.0, top_p=1.0, seed=3)
     ids, mask = ro.completion_ids, ro.mask
     h = completion_hidden(model, batch, ids, mask, G)
     ours = token_logprobs(h, lm_head_weight(model), ids)
@@ -122,7 +129,7 @@ def test_gradient_checkpointing_keeps_the_prompt(tiny_model_dir, synth_dir):
     model, proc = load_model(tiny_model_dir), load_processor(tiny_model_dir)
     batch = encode_prompts(proc, load_parquet(synth_dir / "test.parquet", limit=3), "compact")
     eos, pad = ids_of(model, proc)
-    ro = generate(model.eval(), batch, 2, 12, eos, pad, 1.0, 1.0, torch.Generator().manual_seed(3))
+    ro = gen(model.eval(), batch, 2, 12, temperature=1.0, top_p=1.0, seed=3)
     ids, mask = ro.completion_ids, ro.mask
 
     def logp_and_grad():
@@ -154,7 +161,7 @@ def test_text_only_causal_lm(tmp_path):
             SafeTagRecord("Write a short poem.", [], "safe", "safe", "safe")]
     batch = encode_prompts(proc, recs, "compact")
     eos, pad = cfg.eos_token_id, tok.pad_token_id
-    ours = generate(model, batch, 1, 16, eos, pad, temperature=0)
+    ours = gen(model, batch, 1, 16, temperature=0)
     ref = model.generate(**batch, max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=pad)
     assert torch.equal(ours.completion_ids, ref[:, batch["input_ids"].shape[1]:][:, :ours.completion_ids.shape[1]])
     h = completion_hidden(model, batch, ours.completion_ids, ours.mask, 1)
@@ -184,11 +191,11 @@ def test_other_qwen_vl_families(family, tmp_path, synth_dir):
     model, proc = load_model(d).eval(), load_processor(d)
     batch = encode_prompts(proc, load_parquet(synth_dir / "test.parquet", limit=3), "compact")
     eos, pad = ids_of(model, proc)
-    ours = generate(model, batch, 1, 12, eos, pad, temperature=0)
+    ours = gen(model, batch, 1, 12, temperature=0)
     ref = model.generate(**batch, max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=pad)
     assert torch.equal(ours.completion_ids, ref[:, batch["input_ids"].shape[1]:][:, :ours.completion_ids.shape[1]])
     G = 2
-    ro = generate(model, batch, G, 10, eos, pad, 1.0, 1.0, torch.Generator().manual_seed(1))
+    ro = gen(model, batch, G, 10, temperature=1.0, top_p=1.0, seed=1)
     ids, mask = ro.completion_ids, ro.mask
     ours = token_logprobs(completion_hidden(model, batch, ids, mask, G), lm_head_weight(model), ids)
     rep = {k: batch[k].repeat_interleave(G, 0) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}

@@ -168,10 +168,15 @@ def test_token_budget_micro_batches_take_the_same_step(tmp_path, tiny_model_dir,
     """Whole groups packed by a token budget give the same update as fixed-size micro-batches
     (token-mean over the mini-batch does not depend on the split)."""
     from safetensors.torch import load_file
-    from safegrpo.trainer import micro_batches
-    assert micro_batches([10, 20, 30, 5], [40, 40, 80, 10], 4, 4, 2) == [(0, 2), (2, 4)]
-    assert micro_batches([10, 20, 30, 5], [40, 40, 80, 10], 4, 4, 2, token_budget=120) == [(0, 2), (2, 3), (3, 4)]
-    assert micro_batches([10, 20], [40, 40], 4, 1, 8, token_budget=10) == [(0, 1), (1, 2)]   # never crosses a mini-batch
+    from safegrpo.trainer import micro_batches, split_to
+    costs = [50, 60, 110, 15]                              # prompt once + its G completions, per prompt
+    assert micro_batches(costs, 4, 2) == [[(0, 2), (2, 4)]]
+    assert micro_batches(costs, 4, 2, token_budget=120) == [[(0, 2), (2, 3), (3, 4)]]
+    assert micro_batches([50, 60], 1, 8, token_budget=10) == [[(0, 1)], [(1, 2)]]   # never crosses a mini-batch
+    # another rank needs 3 passes: split the costliest pass where its halves balance
+    assert split_to([(0, 4)], [10, 10, 10, 50], 2) == [(0, 3), (3, 4)]
+    assert split_to([(0, 2), (2, 5)], [10, 10, 30, 30, 40], 4) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    assert split_to([(0, 1), (1, 2)], [5, 5], 2) == [(0, 1), (1, 2)]
     out = {}
     for name, over in (("fixed", {"train.micro_batch_prompts": 1}), ("budget", {"train.micro_batch_tokens": 300})):
         (tmp_path / name).mkdir()
@@ -259,3 +264,160 @@ def test_balance_groups_halves_by_combined_tag_then_splits_by_group(tmp_path, ti
     cfg.data.balance_combined = True
     with pytest.raises(ValueError, match="at most one of data.balance_combined and data.balance_groups"):
         Trainer(cfg).setup_grpo(tiny_model_dir, resume=False)
+
+
+def test_lr_schedule_spans_the_run_whatever_the_updates_per_step(tmp_path, tiny_model_dir, synth_dir):
+    """4 GRPO steps x 4 optimizer updates, cosine to 0: the schedule advances per update but is
+    sized in GRPO steps, so after step 2 of 4 the learning rate is half the peak, and 0 at the end;
+    a 1-step warm-up reaches the peak after the first step's 4 updates."""
+    peak = 1e-3
+    for warmup, want in ((0, [0.8536, 0.5, 0.1464, 0.0]), (1, [1.0, 0.75, 0.25, 0.0])):
+        d = tmp_path / f"w{warmup}"
+        d.mkdir()
+        cfg = load_config(tiny_cfg(d, tiny_model_dir, synth_dir, **{
+            "train.steps": 4, "train.prompts_per_step": 4, "train.mini_batch_prompts": 1,
+            "train.micro_batch_prompts": 1, "train.save_every": 0, "rollout.max_new_tokens": 4,
+            "optim.lr": peak, "optim.schedule": "cosine", "optim.warmup_steps": warmup, "data.test": ""}))
+        Trainer(cfg).fit(init_path=tiny_model_dir)
+        lrs = [r["lr"] / peak for r in rows(d / "run")]
+        assert lrs == pytest.approx(want, abs=1e-4), (warmup, lrs)
+
+
+def _with_dropout(src, dst, p=0.5):
+    """A copy of a model directory whose text attention drops with probability p in training mode."""
+    import shutil
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["text_config"]["attention_dropout"] = p
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_dropout_is_off_in_every_log_prob_of_the_update(tmp_path, tiny_model_dir, synth_dir):
+    """A model whose config sets dropout: the update runs in training mode (gradient checkpointing
+    needs it), old and reference log-probs in eval mode. With dropout left on, the first update's
+    KL against an identical reference was > 0 and its ratio != 1; now both are exact."""
+    from safegrpo.trainer import completion_logprobs
+    model_dir = _with_dropout(tiny_model_dir, tmp_path / "dropout_model")
+    cfg = load_config(tiny_cfg(tmp_path, model_dir, synth_dir, **{
+        "train.steps": 1, "train.prompts_per_step": 2, "train.mini_batch_prompts": 2, "train.micro_batch_prompts": 2,
+        "grpo.beta": 0.1, "grpo.entropy_coef": 0.01, "data.test": ""}))
+    tr = Trainer(cfg)
+    tr.setup_grpo(model_dir, resume=False)
+    assert tr.policy.config.text_config.attention_dropout == 0.5          # the saved config is untouched
+    batch = tr._encode(tr.train_records[:2], [0, 1])
+    ids = torch.randint(5, 500, (4, 6))
+    mask = torch.ones(4, 6)
+    tr.policy.train()
+    a = completion_logprobs(tr.policy, batch, ids, mask, 2)
+    b = completion_logprobs(tr.policy, batch, ids, mask, 2)
+    tr.policy.eval()
+    c = completion_logprobs(tr.policy, batch, ids, mask, 2)
+    assert torch.equal(a, b) and torch.allclose(a, c, atol=1e-6)
+    m = tr.train_step(0)
+    assert m["kl"] < 1e-7 and m["clip_frac"] == 0.0
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_disable_dropout_in_other_families(family, tmp_path, synth_dir):
+    from conftest import TINY
+    from safegrpo.model import build_tiny_model_dir, disable_dropout, load_model, load_processor
+    from safegrpo.prompting import encode_prompts
+    from safegrpo.data import load_parquet
+    from safegrpo.trainer import completion_logprobs
+    d = _with_dropout(build_tiny_model_dir(tmp_path / "m", TINY, seed=0, family=family), tmp_path / family)
+    model, proc = load_model(d).train(), load_processor(d)
+    batch = encode_prompts(proc, load_parquet(synth_dir / "test.parquet", limit=2), "compact")
+    ids, mask = torch.randint(5, 500, (2, 6)), torch.ones(2, 6)
+    with torch.no_grad():
+        noisy = [completion_logprobs(model, batch, ids, mask, 1) for _ in range(2)]
+        assert not torch.equal(*noisy)                                     # dropout really was on
+        disable_dropout(model)
+        train = completion_logprobs(model, batch, ids, mask, 1)
+        evaluation = completion_logprobs(model.eval(), batch, ids, mask, 1)
+    assert torch.allclose(train, evaluation, atol=1e-6)
+
+
+def test_one_temperature_for_rollout_old_reference_policy_and_entropy(tmp_path, tiny_model_dir, synth_dir,
+                                                                      monkeypatch):
+    """At rollout.temperature 0.7 every log-prob of the step (old, reference, policy) is taken at
+    0.7: against an identical reference the first update's ratio is 1, and the logged entropy is
+    that of softmax(logits / 0.7) over the sampled tokens, from full logits."""
+    import copy
+    import safegrpo.trainer as trainer_mod
+    from safegrpo.forward import completion_hidden
+    seen, captured = [], {}
+    real_logprobs, real_generate, real_loss = trainer_mod.token_logprobs, trainer_mod.generate, trainer_mod.policy_loss
+
+    def spy_logprobs(h, w, ids, temperature=1.0, **kw):
+        seen.append(temperature)
+        return real_logprobs(h, w, ids, temperature, **kw)
+
+    def spy_generate(model, batch, **kw):
+        captured["batch"], captured["ro"] = batch, real_generate(model, batch, **kw)
+        return captured["ro"]
+
+    def spy_loss(logp, old, *a, **kw):
+        captured.setdefault("first", (logp.detach().clone(), old.clone()))
+        return real_loss(logp, old, *a, **kw)
+
+    monkeypatch.setattr(trainer_mod, "token_logprobs", spy_logprobs)
+    monkeypatch.setattr(trainer_mod, "generate", spy_generate)
+    monkeypatch.setattr(trainer_mod, "policy_loss", spy_loss)
+    for updates in (2, 1):
+        (tmp_path / str(updates)).mkdir()
+        cfg = load_config(tiny_cfg(tmp_path / str(updates), tiny_model_dir, synth_dir, **{
+            "train.steps": 1, "train.prompts_per_step": 4, "train.mini_batch_prompts": 4 // updates,
+            "train.micro_batch_prompts": 1, "grpo.beta": 0.1, "rollout.temperature": 0.7,
+            "rollout.max_new_tokens": 10, "data.test": ""}))
+        tr = Trainer(cfg)
+        tr.setup_grpo(tiny_model_dir, resume=False)
+        seen.clear()
+        captured.clear()
+        before = copy.deepcopy(tr.policy).eval()
+        m = tr.train_step(0)
+        assert seen and set(seen) == {0.7}, seen              # reference, old and policy passes alike
+        logp, old = captured["first"]
+        assert torch.allclose(logp, old, atol=1e-6)           # ratio 1 on the first update
+        if updates == 1:                                      # one update on the starting weights
+            ro, G = captured["ro"], 4
+            with torch.no_grad():
+                h = completion_hidden(before, captured["batch"], ro.completion_ids, ro.mask, G)
+                lp = torch.log_softmax((h @ before.lm_head.weight.T).float() / 0.7, -1)
+                ent = -(lp.exp() * lp).sum(-1)
+            assert m["entropy"] == pytest.approx(float((ent * ro.mask).sum() / ro.mask.sum()), rel=1e-5)
+
+
+def test_validation_every_n_steps_is_logged_and_drawn(tmp_path, tiny_model_dir, synth_dir):
+    """train.eval_every 2 of 4 steps: val/... on steps 2 and 4 only, equal to a separate greedy
+    evaluation of the step-2 checkpoint, and drawn on the reward plot."""
+    from safegrpo.evaluation import evaluate
+    from safegrpo.model import load_model, load_processor
+    from safegrpo.plots import plot_rewards
+    cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{
+        "train.steps": 4, "train.eval_every": 2, "train.eval_limit": 6, "train.prompts_per_step": 2,
+        "train.mini_batch_prompts": 2, "train.micro_batch_prompts": 2, "train.save_every": 2,
+        "rollout.max_new_tokens": 80}))
+    tr = warm_start(cfg, tiny_model_dir, tmp_path / "sft", steps=120)   # writes the format: figures not all 0
+    tr.fit(init_path=tmp_path / "sft")
+    got = rows(tmp_path / "run")
+    assert [("val/reward/mean" in r) for r in got] == [False, True, False, True]
+    assert got[1]["val/format"] > 0
+    step2 = tmp_path / "run" / "checkpoints" / "step_2"
+    want, _ = evaluate(load_model(step2), load_processor(step2), tr.test_records[:6], "compact", 80)
+    assert got[1]["val/reward/mean"] == pytest.approx(want["reward_mean"])
+    assert got[1]["val/tag_acc/combined"] == pytest.approx(want["tag_acc"]["combined"])
+    assert got[1]["val/format"] == pytest.approx(want["format_rate"])
+    png = plot_rewards(tmp_path / "run" / "metrics.jsonl", tmp_path / "curves.png")
+    assert png.stat().st_size > 10_000
+
+
+def test_start_of_training_names_the_decode_path_and_warns_on_top_p(tmp_path, tiny_model_dir, synth_dir, capsys):
+    cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"rollout.top_p": 0.9}))
+    Trainer(cfg).setup_grpo(tiny_model_dir, resume=False)
+    out = capsys.readouterr().out
+    assert "[rollout] decode path: lean decoder (cascade attention" in out
+    assert out.count("rollout.top_p=0.9 < 1") == 1 and "off-policy" in out
+    cfg.rollout.top_p = 1.0
+    Trainer(cfg).setup_grpo(tiny_model_dir, resume=False)
+    assert "top_p" not in capsys.readouterr().out
