@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# runs/tiny belongs to `make train`: a second `make train` starts it afresh (--overwrite deletes
+# that run's own files only); pass TRAIN_ARGS=--resume to continue it instead
+TRAIN_ARGS ?= --overwrite
 train: $(STAMP)
-	$(PY) train.py --config $(CONFIG)
+	$(PY) train.py --config $(CONFIG) $(TRAIN_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests

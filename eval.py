@@ -16,7 +16,6 @@ completions/<benchmark>.jsonl (every completion with its item and verdicts).
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,8 +23,9 @@ from safegrpo.benchmarks import BENCHMARKS, SHARED, BenchmarkError, load_benchma
 from safegrpo.checkpoint import latest_checkpoint
 from safegrpo.config import load_config
 from safegrpo.evaluation import benchmark_table, category_table, evaluate
+from safegrpo.files import write_atomic
 from safegrpo.model import load_model, load_processor
-from safegrpo.synth import SynthConfig
+from safegrpo.synth import synth_ready
 
 DEFAULT_BENCHMARKS = ["safetag-synth", "figstep", "mossbench", "xstest", "mmsafeaware"]
 
@@ -38,12 +38,6 @@ def parse_benchmarks(specs: list[str]) -> list[tuple[str, str | None]]:
             raise SystemExit(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
         out.append((name, path or None))
     return out
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def run_checkpoint(ckpt: Path, suites: dict, args, prompt_style: str, out: Path, label: str) -> dict:
@@ -88,7 +82,17 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    for flag in ("limit", "max_new_tokens", "batch_size"):
+        if getattr(args, flag) < (0 if flag != "batch_size" else 1):
+            ap.error(f"--{flag.replace('_', '-')} must be {'>= 1' if flag == 'batch_size' else '>= 0'}, "
+                     f"got {getattr(args, flag)}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        ap.error("--temperature must be >= 0 and --top-p in (0, 1]")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     args.judge = args.judge or cfg.grpo.refusal_judge
     args.max_new_tokens = args.max_new_tokens or cfg.rollout.max_new_tokens
     prompt_style = args.prompt_style or cfg.data.prompt_style
@@ -103,13 +107,15 @@ def main(argv=None):
               "or pass --checkpoint", file=sys.stderr)
         return 2
 
+    out = Path(args.out) if args.out else ckpt / "eval"
     suites, skipped = {}, {}
-    s = cfg.data.synth
     for name, path in parse_benchmarks(args.benchmark):
         report = []
-        kw = {"synth": SynthConfig(s.seed, s.n_train, s.n_test, image_style=s.image_style)} if name == "safetag-synth" else {}
-        if name == "safetag-synth":
+        kw = {"synth": cfg.data.synth} if name == "safetag-synth" else {}
+        if name == "safetag-synth":         # read where training generated it; never rewrite that folder
             path = path or cfg.data.synth_dir
+            if not synth_ready(path, cfg.data.synth):
+                path = out / "safetag-synth"
         try:
             records = load_benchmark(name, path, skip_missing=args.skip_missing, report=report, **kw)
         except (BenchmarkError, ValueError) as e:
@@ -119,7 +125,6 @@ def main(argv=None):
         if report:
             skipped[name] = report
             print(f"{name}: skipped {len(report)} item(s) with a missing image (first: {report[0][1]})")
-    out = Path(args.out) if args.out else ckpt / "eval"
     out.mkdir(parents=True, exist_ok=True)
 
     runs = {}

@@ -10,15 +10,15 @@ runs the warm start and the evaluations and writes files; all ranks train.
 """
 import argparse
 import json
-import os
-import shutil
 import sys
 import time
 
+from safegrpo import distributed as dist
+from safegrpo.checkpoint import CheckpointError, RunDirError
 from safegrpo.config import load_config
 from safegrpo.evaluation import comparison_table, evaluate
+from safegrpo.files import atomic_path, write_atomic
 from safegrpo.plots import plot_rewards
-from safegrpo import distributed as dist
 from safegrpo.trainer import NonFiniteError, Trainer
 
 
@@ -34,12 +34,10 @@ def _eval(trainer, model, name):
     metrics, completions = evaluate(model, trainer.processor, recs, cfg.data.prompt_style, cfg.rollout.max_new_tokens,
                                     judge=cfg.grpo.refusal_judge, desc=f"eval {name}")
     metrics["seconds"] = round(time.time() - t0, 1)
-    path.write_text(json.dumps(metrics, indent=1))
-    with open(trainer.out / f"eval_{name}_samples.jsonl", "w") as fh:
-        for r, c in list(zip(recs, completions))[:50]:
-            fh.write(json.dumps({"prompt": r.prompt, "tags": r.tags, "meta": {k: v for k, v in r.meta.items()
-                                                                               if k != "demo"},
-                                 "completion": c}) + "\n")
+    write_atomic(trainer.out / f"eval_{name}_samples.jsonl", "".join(
+        json.dumps({"prompt": r.prompt, "tags": r.tags, "meta": {k: v for k, v in r.meta.items() if k != "demo"},
+                    "completion": c}) + "\n" for r, c in list(zip(recs, completions))[:50]))
+    write_atomic(path, json.dumps(metrics, indent=1))        # last: its presence means both are complete
     return metrics
 
 
@@ -47,11 +45,21 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.out_dir")
+    ap.add_argument("--resume", action="store_true", help="continue from the last intact checkpoint in train.out_dir")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="delete the run already in train.out_dir (its files only) and start again")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"[error] {e}", file=sys.stderr)
+        return 2
     cfg.train.device = str(dist.init_from_env(cfg.train.device))   # torchrun: join the process group
-    code = run(cfg, args)
+    try:
+        code = run(cfg, args)
+    except (RunDirError, CheckpointError) as e:
+        print(f"[error] {e}", file=sys.stderr)
+        return 2
     if code == 0:          # after a failure torchrun tears the group down; a barrier could pair
         dist.shutdown()    # with another rank's training collective and hang
     return code
@@ -60,7 +68,7 @@ def main(argv=None):
 def run(cfg, args) -> int:
     """Warm start, evaluation, SafeGRPO, evaluation; returns the exit code."""
     t_start = time.time()
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     main_rank = dist.is_main()
     say = print if main_rank else (lambda *a, **k: None)
     say(f"[world] {dist.world_size()} process(es), device {cfg.train.device}")
@@ -74,17 +82,15 @@ def run(cfg, args) -> int:
             t0 = time.time()
             trainer.sft(model)
             print(f"[sft] {cfg.sft.steps} steps in {time.time() - t0:.0f} s")
-            tmp = sft_dir.with_name("sft.tmp")
-            model.save_pretrained(tmp)
-            trainer.processor.save_pretrained(tmp)
-            shutil.rmtree(sft_dir, ignore_errors=True)
-            os.replace(tmp, sft_dir)
+            with atomic_path(sft_dir) as tmp:
+                model.save_pretrained(tmp)
+                trainer.processor.save_pretrained(tmp)
         dist.barrier()
         init = sft_dir
     before = _eval(trainer, trainer._load(init), "before") if main_rank else None
     dist.barrier()
     try:
-        final = trainer.fit(resume=args.resume, init_path=init)
+        final = trainer.fit(init_path=init)
     except NonFiniteError as e:
         print(f"[error] {e}", file=sys.stderr)
         return 2
@@ -95,7 +101,7 @@ def run(cfg, args) -> int:
     print(f"\nfinal checkpoint: {final}\nreward curves: {plot}\nwall time: {time.time() - t_start:.0f} s")
     if before and after:
         table = comparison_table({"warm start (before)": before, "SafeGRPO (after)": after})
-        (trainer.out / "eval_table.md").write_text(table)
+        write_atomic(trainer.out / "eval_table.md", table)
         print(f"\nHeld-out test split ({after['n']} items, greedy):\n{table}")
     return 0
 

@@ -8,22 +8,47 @@
 
 Everything is safetensors or JSON: no pickle is written or read. A checkpoint is written under a
 temporary name and renamed into place, so a crash or SIGKILL mid-write never leaves a
-`step_N` that loads wrongly; leftover temporaries are ignored and cleaned up.
+`step_N` that loads wrongly; leftover temporaries are ignored and cleaned up. A checkpoint
+damaged afterwards (a truncated file, an empty state) is named in the error, and `--resume`
+falls back to the newest intact one, saying so.
+
+A run directory belongs to one run (`claim_run_dir`): starting afresh where a run left
+checkpoints or metrics stops with a message (or, with --overwrite, deletes that run's files
+first), and `--resume` checks that the checkpoint was written under the same configuration
+(`resumable_checkpoint`), naming every difference.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import distributed as dist
+from .config import Config, config_from_dict, differences
+from .files import atomic_path
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
+STATE_FILES = ("trainer_state.json", "optimizer.safetensors", "rng.safetensors")
+# what a run writes into its directory (claim_run_dir deletes only these, with --overwrite)
+RUN_FILES = {"config.yaml", "metrics.jsonl", "checkpoints", "sft", "sft_metrics.jsonl", "caption_metrics.jsonl",
+             "eval_before.json", "eval_after.json", "eval_before_samples.jsonl", "eval_after_samples.jsonl",
+             "eval_table.md", "reward_curves.png", "tensorboard", "wandb"}
+# settings that may change when a run is resumed (they do not change what is computed)
+RESUMABLE_CHANGES = ("train.steps", "train.save_every", "train.eval_every", "train.eval_limit", "train.threads",
+                     "train.device", "train.out_dir")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+class RunDirError(RuntimeError):
+    """train.out_dir holds another run (or files that are not a run's)."""
 
 
 def _flatten_optimizer(model, opt: torch.optim.Optimizer) -> tuple[dict, list]:
@@ -60,43 +85,131 @@ def save_checkpoint(ckpt_root, step: int, model, processor, optimizer, state: di
     weights = dist.full_state_dict(model) if dist.active() else None
     tensors, groups = _flatten_optimizer(model, optimizer)
     if dist.is_main():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".step_{step}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=weights)
-        if processor is not None:
-            processor.save_pretrained(tmp)
-        save_file(tensors, tmp / "optimizer.safetensors")
-        save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
-        (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step, "optimizer_param_groups": groups},
-                                                           indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic_path(final) as tmp:                      # .step_N.tmp-PID until complete
+            model.save_pretrained(tmp, state_dict=weights)
+            if processor is not None:
+                processor.save_pretrained(tmp)
+            save_file(tensors, tmp / "optimizer.safetensors")
+            save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
+            (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step, "optimizer_param_groups": groups},
+                                                               indent=1))
     dist.barrier()
     return final
 
 
+def _steps(root: Path) -> list[tuple[int, Path]]:
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)))
+
+
 def latest_checkpoint(ckpt_root) -> Path | None:
-    """The highest complete step_N under ckpt_root (temporaries are ignored), or None."""
+    """The highest step_N under ckpt_root that has its trainer state (temporaries are ignored
+    and cleaned up), or None."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return None
     for junk in root.glob(".step_*.tmp-*"):
         shutil.rmtree(junk, ignore_errors=True)
-    steps = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and
-             (p / "trainer_state.json").is_file()]
-    return max(steps)[1] if steps else None
+    steps = [(n, p) for n, p in _steps(root) if (p / "trainer_state.json").is_file()]
+    return steps[-1][1] if steps else None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why `ckpt` cannot be resumed from (the file and what is wrong with it), or None."""
+    weights = sorted(ckpt.glob("model*.safetensors"))
+    if not weights:
+        return f"{ckpt / 'model.safetensors'}: missing"
+    for f in [*weights, *(ckpt / n for n in STATE_FILES)]:
+        if not f.is_file():
+            return f"{f}: missing"
+        try:
+            if f.suffix == ".json":
+                state = json.loads(f.read_text())
+                if not isinstance(state, dict) or "step" not in state:
+                    return f"{f}: not a trainer state (no step)"
+            else:
+                with safe_open(f, framework="pt") as fh:      # checks the header against the file's size
+                    for k in list(fh.keys())[:1]:
+                        fh.get_slice(k)
+        except Exception as e:  # json and safetensors raise several types
+            return f"{f}: {type(e).__name__}: {e}"
+    return None
+
+
+def _read(f: Path, what):
+    try:
+        return what(f)
+    except Exception as e:
+        raise CheckpointError(f"{f}: cannot be read ({type(e).__name__}: {e}); the checkpoint is damaged") from e
 
 
 def load_trainer_state(ckpt: Path, optimizer, model=None) -> dict:
     """Restore optimizer and RNG states from a checkpoint; returns trainer_state.json. Under
     torchrun pass the (sharded) model: each rank reads the file and keeps its shard."""
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    _unflatten_optimizer(model, optimizer, load_file(ckpt / "optimizer.safetensors"),
+    state = _read(ckpt / "trainer_state.json", lambda f: json.loads(f.read_text()))
+    _unflatten_optimizer(model, optimizer, _read(ckpt / "optimizer.safetensors", load_file),
                          state.pop("optimizer_param_groups"))
-    torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch_cpu"])
+    torch.set_rng_state(_read(ckpt / "rng.safetensors", load_file)["torch_cpu"])
     return state
+
+
+def resumable_checkpoint(ckpt_root, cfg: Config, say=print) -> Path | None:
+    """The newest intact checkpoint to resume `cfg` from (damaged newer ones are named and
+    skipped), or None when there is none. Raises RunDirError when it was written under another
+    configuration (listing every difference); RESUMABLE_CHANGES may differ, and train.steps
+    only with a constant learning-rate schedule."""
+    root = Path(ckpt_root)
+    latest_checkpoint(root)                                   # clean up temporaries
+    found = None
+    for step, p in reversed(_steps(root) if root.is_dir() else []):
+        problem = checkpoint_problem(p)
+        if problem is None:
+            found = p
+            break
+        if say:
+            say(f"[resume] skipping damaged checkpoint {p.name}: {problem}")
+    if found is None:
+        if say:
+            say(f"[resume] no intact checkpoint under {root}: starting from the beginning")
+        return None
+    if say and found != (_steps(root)[-1][1]):
+        say(f"[resume] falling back to {found.name}, the newest intact checkpoint")
+    saved = json.loads((found / "trainer_state.json").read_text()).get("config")
+    if saved is not None:
+        old = config_from_dict(saved)
+        diff = differences(old, cfg, ignore=RESUMABLE_CHANGES)
+        if old.train.steps != cfg.train.steps and cfg.optim.schedule != "constant":
+            diff.append(f"train.steps: {old.train.steps} -> {cfg.train.steps} (it sizes the {cfg.optim.schedule} schedule)")
+        if diff:
+            raise RunDirError(f"--resume: {found} was written under another configuration; differences "
+                              f"(checkpoint -> now): {'; '.join(diff)}. Resume with the run's own settings, or "
+                              "start a new run in another train.out_dir (or with --overwrite)")
+    return found
+
+
+def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Make `out` this run's directory. A directory holding another run's checkpoints or
+    metrics is refused unless resuming it, or deleted first with overwrite (only the files a
+    run writes: anything else there stops it, untouched)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        if overwrite:
+            raise RunDirError("--resume and --overwrite exclude each other")
+        return
+    ckpts = out / "checkpoints"
+    holds_run = (out / "metrics.jsonl").exists() or (ckpts.is_dir() and any(_STEP_RE.match(p.name) for p in ckpts.iterdir()))
+    if not holds_run:
+        return
+    if not overwrite:
+        raise RunDirError(f"{out} already holds a run (checkpoints or metrics.jsonl): pass --resume to continue "
+                          "it, --overwrite to delete it and start again, or choose another train.out_dir")
+    entries = list(out.iterdir())
+    foreign = sorted(p.name for p in entries if p.name not in RUN_FILES and ".tmp-" not in p.name)
+    if foreign:
+        raise RunDirError(f"--overwrite: {out} also holds files a run does not write ({', '.join(foreign[:10])}); "
+                          "not deleting anything. Choose another train.out_dir")
+    for p in entries:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def prune_checkpoints(ckpt_root, keep: int) -> None:

@@ -1,182 +1,297 @@
-"""One dataclass tree for a run, loaded from YAML, with `--set a.b=c` overrides.
+"""One dataclass tree for a run, loaded from YAML, with `--set a.b=c` overrides, checked at load.
 
-Defaults follow METHOD.md (the paper's recipe); every deviation is a named option. Unknown keys,
-in a file or an override, are rejected with the key named, so a typo never silently falls back
-to a default.
+Defaults follow docs/METHOD.md (the paper's recipe); every deviation is a named option. Each
+field is declared once below with its type, its allowed values and a one-line description.
+`load_config` checks, before anything runs:
+  * keys: an unknown key, in a file or an override, is an error naming it;
+  * types: every value against its declared type (bool, int, float, str, Literal choices,
+    tuples, lists), so `trust_remote_code: "false"` is an error, not a truthy string. A float
+    may be written as a YAML string such as `1e-4` (YAML 1.1 reads exponents without a dot
+    as strings); nothing else is converted;
+  * ranges: every field's own rule (`check=` below);
+  * cross-field rules (`validate`): batch sizes that divide, exclusive options, and so on.
+Errors name the file, the key, the value and what was expected.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 
+# ------------------------------------------------------------------------------ field rules
+def ge(lo):
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def gt(lo):
+    return lambda v: None if v > lo else f"must be > {lo}"
+
+
+def within(lo, hi, lo_open=False, hi_open=False):
+    def check(v):
+        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        return None if ok else f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return check
+
+
+def each(rule):
+    return lambda vs: next((f"item {i} {m}" for i, v in enumerate(vs) if (m := rule(v))), None)
+
+
+def opt(default, check=None):
+    """A config field: its default and, optionally, a rule returning an error text or None."""
+    kind = "default_factory" if isinstance(default, list) else "default"
+    value = (lambda d=default: list(d)) if kind == "default_factory" else default
+    return field(metadata={"check": check}, **{kind: value})
+
+
+def section(cls):
+    return field(default_factory=cls)
+
+
+# ---------------------------------------------------------------------------------- sections
 @dataclass
 class TinyModelConfig:
     """Shape of the tiny Qwen2-VL built from scratch when model.path is empty."""
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    vision_depth: int = 2
-    vision_embed_dim: int = 64
-    vision_num_heads: int = 4
-    vocab_size: int = 2048
-    max_pixels: int = 112 * 56
-    tie_word_embeddings: bool = False
+    hidden_size: int = opt(128, ge(8))
+    intermediate_size: int = opt(384, ge(8))
+    num_hidden_layers: int = opt(4, ge(1))
+    num_attention_heads: int = opt(4, ge(1))
+    num_key_value_heads: int = opt(2, ge(1))
+    vision_depth: int = opt(2, ge(1))
+    vision_embed_dim: int = opt(64, ge(8))
+    vision_num_heads: int = opt(4, ge(1))
+    vocab_size: int = opt(2048, ge(600))        # BPE vocabulary trained on the SafeTag-Synth corpus
+    max_pixels: int = opt(112 * 56, ge(28 * 28))
+    tie_word_embeddings: bool = opt(False)
 
 
 @dataclass
 class ModelConfig:
-    path: str = ""                      # local HF model directory; empty = build the tiny default
-    tiny_dir: str = "data/tiny_model"   # where the tiny default is built
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    dtype: str = "float32"              # weights: float32 | bfloat16
-    autocast: str = ""                  # "" | bf16: fp32 weights, bf16 matmuls (log-probs stay fp32)
-    attn_implementation: str = ""       # "" = transformers' default (sdpa); flash_attention_2 on GPU
-    trust_remote_code: bool = False
-    gradient_checkpointing: bool = False
+    path: str = opt("")                         # local HF model directory, a .gguf file or package:NAME;
+                                                # empty = build the tiny default into tiny_dir
+    tiny_dir: str = opt("data/tiny_model")      # where the tiny default is built
+    tiny: TinyModelConfig = section(TinyModelConfig)
+    dtype: Literal["float32", "bfloat16"] = opt("float32")      # weights (and optimizer state) dtype
+    autocast: Literal["", "bf16"] = opt("")     # bf16: fp32 weights, bf16 matmuls (log-probs stay fp32)
+    attn_implementation: str = opt("")          # "" = flash_attention_2 on a GPU when importable, else sdpa
+    trust_remote_code: bool = opt(False)        # run Python files shipped in the model folder (off: never)
+    gradient_checkpointing: bool = opt(False)   # recompute activations in the update's backward
 
 
 @dataclass
-class SynthDataConfig:
-    seed: int = 0
-    n_train: int = 3000
-    n_test: int = 400
-    image_style: str = "badge"          # badge | word (see synth.py)
+class SynthConfig:
+    """SafeTag-Synth, the embedded default data set (synth.py)."""
+    seed: int = opt(0)
+    n_train: int = opt(3000, ge(1))
+    n_test: int = opt(400, ge(0))
+    holdout_frac: float = opt(0.2, within(0.0, 1.0, hi_open=True))   # pairings of each group kept for test
+    image_style: Literal["badge", "word"] = opt("badge")             # drawn badges or typographic words
 
 
 @dataclass
 class DataConfig:
-    train: str = ""                     # parquet file/folder or JSONL; empty = SafeTag-Synth
-    test: str = ""
-    train_split: str = "train"
-    test_split: str = "test"
-    synth_dir: str = "data/synth"
-    synth: SynthDataConfig = field(default_factory=SynthDataConfig)
-    prompt_style: str = "safegrpo"
-    max_prompt_length: int = 2048
-    filter_overlong_prompts: bool = False
-    balance_combined: bool = False      # GRPO draws half its prompts from combine_tag=safe, half from unsafe
-    balance_groups: bool = False        # as balance_combined, and each half split evenly over its SafeTag groups
-                                        # (visual, text, combined): rare groups (compositional) come up more
-    skip_invalid: bool = False
-    image_root: str = ""
+    train: str = opt("")                        # parquet file/folder or JSONL; empty = SafeTag-Synth
+    test: str = opt("")                         # the same; empty (with train set) = no test split
+    train_split: str = opt("train")             # <split>-*.parquet picked inside a folder
+    test_split: str = opt("test")
+    synth_dir: str = opt("data/synth")          # where SafeTag-Synth is generated
+    synth: SynthConfig = section(SynthConfig)
+    prompt_style: str = opt("safegrpo")         # safegrpo | compact | none | path of a text file (prompting.py)
+    max_prompt_length: int = opt(2048, ge(1))   # tokens (images expanded); longer prompts: error at load ...
+    filter_overlong_prompts: bool = opt(False)  # ... or dropped at load, and reported
+    balance_combined: bool = opt(False)         # GRPO draws half its prompts combine_tag=safe, half unsafe
+    balance_groups: bool = opt(False)           # as balance_combined, each half split evenly over its SafeTag
+                                                # groups (visual/text/combined): rare groups come up more
+    skip_invalid: bool = opt(False)             # skip (and report) bad rows instead of stopping
+    image_root: str = opt("")                   # folder image paths are relative to (default: the data file's)
+    allow_outside_images: bool = opt(False)     # image paths may point outside that folder (absolute, ../)
 
 
 @dataclass
 class RolloutConfig:
-    group_size: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 4096
-    prompts_per_call: int = 0           # prompts decoded together (0: all of a rank's prompts at once).
-                                        # 1 makes each prompt's samples independent of the batch to
-                                        # the last bit (batched matmuls round differently), e.g. to
-                                        # compare runs across world sizes exactly; slower
+    group_size: int = opt(8, ge(2))             # G: samples per prompt (advantages are relative within it)
+    temperature: float = opt(1.0, gt(0.0))      # sampling temperature; log-probs are taken at the same one
+    top_p: float = opt(1.0, within(0.0, 1.0, lo_open=True))   # nucleus; < 1 makes the update off-policy
+    max_new_tokens: int = opt(4096, ge(1))      # completion length limit
+    prompts_per_call: int = opt(0, ge(0))       # prompts decoded together (0: all of a rank's prompts at once).
+                                                # 1 makes each prompt's samples independent of the batch to
+                                                # the last bit (batched matmuls round differently); slower
 
 
 @dataclass
 class GRPOConfig:
-    beta: float = 0.01                  # KL coefficient (loss term); 0 skips the reference model
-    kl_estimator: str = "k3"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float = 3.0
-    adv_scale: str = "group"
-    adv_eps: float = 1e-6
-    loss_agg: str = "token-mean"
-    norm_constant: float = 0.0          # for seq-mean-token-sum-norm; 0 = max_new_tokens
-    refusal_judge: str = "keywords"     # refusal rule of the behaviour reward: keywords (paper) | strict
-    entropy_coef: float = 0.0           # entropy bonus per token (the paper: 0)
-    freeze_vision_tower: bool = False   # keep the vision encoder fixed during GRPO (a common VLM-RL option)
-    ptx_coef: float = 0.0               # > 0: add this x cross-entropy on warm-start demonstrations with their
-                                        # tag values masked (format anchor, as InstructGPT's PPO-ptx; paper: 0)
-    ptx_batch: int = 16                 # demonstrations per optimizer update for ptx_coef
+    beta: float = opt(0.01, ge(0.0))            # KL coefficient (loss term); 0 skips the reference model
+    kl_estimator: Literal["k1", "k2", "k3"] = opt("k3")        # k3 = "low_var_kl" (docs/METHOD.md eq. 7)
+    clip_low: float = opt(0.2, within(0.0, 1.0, hi_open=True))  # eps_low: ratio clipped below at 1 - clip_low
+    clip_high: float = opt(0.2, ge(0.0))        # eps_high: ratio clipped above at 1 + clip_high
+    dual_clip: float = opt(3.0, lambda v: None if v == 0 or v > 1 else "must be 0 (off) or > 1")
+    adv_scale: Literal["group", "batch", "none"] = opt("group")  # divide advantages by group std, batch std, or not
+    adv_eps: float = opt(1e-6, gt(0.0))
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = opt("token-mean")
+    norm_constant: float = opt(0.0, ge(0.0))    # for seq-mean-token-sum-norm; 0 = max_new_tokens
+    refusal_judge: Literal["keywords", "strict"] = opt("keywords")   # refusal rule of the behaviour reward
+    entropy_coef: float = opt(0.0, ge(0.0))     # entropy bonus per token (the paper: 0)
+    freeze_vision_tower: bool = opt(False)      # keep the vision encoder fixed during GRPO
+    ptx_coef: float = opt(0.0, ge(0.0))         # > 0: add this x cross-entropy on warm-start demonstrations with
+                                                # their tag values masked (format anchor, as PPO-ptx; paper: 0)
+    ptx_batch: int = opt(16, ge(1))             # demonstrations per optimizer update for ptx_coef
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    warmup_steps: int = 0               # GRPO steps of linear warm-up (the schedule itself advances once per
-                                        # optimizer update, so warm-up and decay span the run whatever
-                                        # prompts_per_step / mini_batch_prompts is)
-    schedule: str = "constant"          # constant | cosine (to 0 at train.steps)
+    lr: float = opt(1e-6, gt(0.0))
+    weight_decay: float = opt(0.01, ge(0.0))
+    betas: tuple[float, float] = opt((0.9, 0.999), each(within(0.0, 1.0, hi_open=True)))
+    eps: float = opt(1e-8, gt(0.0))
+    grad_clip: float = opt(1.0, gt(0.0))        # clip the global gradient norm to this
+    warmup_steps: int = opt(0, ge(0))           # GRPO steps of linear warm-up (the schedule advances once per
+                                                # optimizer update, so it spans the run whatever
+                                                # prompts_per_step / mini_batch_prompts is)
+    schedule: Literal["constant", "cosine"] = opt("constant")   # cosine: to 0 at train.steps
 
 
 @dataclass
 class SFTConfig:
-    enabled: bool = False               # warm-start on SafeTag-Synth demonstrations first
-    caption_steps: int = 0              # before that: caption pretraining (image -> "The image shows a X.")
-    caption_lr: float = 1e-3
-    steps: int = 0
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 20
+    enabled: bool = opt(False)                  # warm-start on the training records' demonstrations first
+    caption_steps: int = opt(0, ge(0))          # before that: caption pretraining (image -> "The image shows a X.")
+    caption_lr: float = opt(1e-3, gt(0.0))
+    steps: int = opt(0, ge(0))                  # demonstration steps (the format, with random tags)
+    batch_size: int = opt(32, ge(1))
+    lr: float = opt(1e-3, gt(0.0))
+    warmup_steps: int = opt(20, ge(0))
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "runs/default"
-    seed: int = 0
-    steps: int = 100                    # GRPO steps (one rollout each)
-    prompts_per_step: int = 256
-    mini_batch_prompts: int = 64        # prompts per optimizer update; updates/step = prompts_per_step / this
-    micro_batch_prompts: int = 8        # prompts per forward/backward (whole groups)
-    micro_batch_tokens: int = 0         # > 0: instead, as many whole groups per forward/backward as fit in
-                                        # this many tokens (prompt once + its G completions)
-    save_every: int = 50                # 0: only the final checkpoint
-    eval_every: int = 0                 # validate every N GRPO steps (greedy on the test split, val/... keys in
-                                        # metrics.jsonl and points on reward_curves.png); 0 = not during training
-    eval_limit: int = 0                 # test records for validation and the before/after evaluations; 0 = all
-    device: str = "cpu"
-    threads: int = 0                    # torch threads on CPU; 0 = leave as is
+    out_dir: str = opt("runs/default")          # the run directory (one run per directory)
+    seed: int = opt(0)
+    steps: int = opt(100, ge(1))                # GRPO steps (one rollout each)
+    prompts_per_step: int = opt(256, ge(1))     # prompts per rollout (x group_size completions)
+    mini_batch_prompts: int = opt(64, ge(1))    # prompts per optimizer update; updates/step = prompts_per_step / this
+    micro_batch_prompts: int = opt(8, ge(1))    # prompts per forward/backward (whole groups), per rank
+    micro_batch_tokens: int = opt(0, ge(0))     # > 0: instead, as many whole groups per forward/backward as fit in
+                                                # this many tokens (prompt once + its G completions)
+    save_every: int = opt(50, ge(0))            # GRPO steps between checkpoints; 0: only the final one
+    eval_every: int = opt(0, ge(0))             # validate every N GRPO steps (greedy on the test split, val/... keys
+                                                # in metrics.jsonl, points on reward_curves.png); 0 = not during training
+    eval_limit: int = opt(0, ge(0))             # test records for validation and the before/after evaluations; 0 = all
+    device: str = opt("cpu", lambda v: None if v.split(":")[0] in ("cpu", "cuda") else "must be cpu, cuda or cuda:N")
+    threads: int = opt(0, ge(0))                # torch threads on CPU; 0 = leave as is
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sft: SFTConfig = field(default_factory=SFTConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = section(ModelConfig)
+    data: DataConfig = section(DataConfig)
+    rollout: RolloutConfig = section(RolloutConfig)
+    grpo: GRPOConfig = section(GRPOConfig)
+    optim: OptimConfig = section(OptimConfig)
+    sft: SFTConfig = section(SFTConfig)
+    train: TrainConfig = section(TrainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+# --------------------------------------------------------------------------- cross-field rules
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Rules between fields (each field's own rule is checked while building). Raises ValueError."""
+    t, d = cfg.train, cfg.data
+    if t.prompts_per_step % t.mini_batch_prompts:
+        raise ValueError(f"train.prompts_per_step ({t.prompts_per_step}) must be a multiple of "
+                         f"train.mini_batch_prompts ({t.mini_batch_prompts})")
+    micro = 1 if t.micro_batch_tokens > 0 else t.micro_batch_prompts
+    if t.mini_batch_prompts % (world_size * micro):
+        raise ValueError(f"train.mini_batch_prompts ({t.mini_batch_prompts}) must be a multiple of world size x "
+                         f"train.micro_batch_prompts ({world_size} x {micro})")
+    if d.balance_combined and d.balance_groups:
+        raise ValueError("set at most one of data.balance_combined and data.balance_groups")
+    if bool(d.test) and not d.train:
+        raise ValueError("data.test is set but data.train is empty (SafeTag-Synth brings its own test split)")
+    if t.micro_batch_tokens and t.micro_batch_tokens < 2:
+        raise ValueError("train.micro_batch_tokens must be 0 (off) or a token budget")
+    if t.eval_every and t.eval_every > t.steps:
+        raise ValueError(f"train.eval_every ({t.eval_every}) is larger than train.steps ({t.steps})")
+    from .prompting import instruction_text       # a named style or a readable, non-empty file
+    try:
+        instruction_text(d.prompt_style)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"data.prompt_style: {e}") from None
+
+
+# ------------------------------------------------------------------------------------- loading
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value, hint, key: str):
+    """value as the declared type `hint`, or ValueError naming key, value and type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    bad = ValueError(f"config key {key} must be {_type_name(hint) if origin is not tuple else 'a list of ' + str(len(args)) + ' numbers'}, "
+                     f"got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        if value not in args:
+            raise bad
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)) or (origin is tuple and len(value) != len(args)):
+            raise bad
+        items = [_coerce(v, args[i] if origin is tuple else args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if hint is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)      # YAML 1.1 reads 1e-4 (no dot) as a string
+            except ValueError:
+                raise bad from None
+        raise bad
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"config key {key}: unsupported declared type {hint}")
+
+
 def _build(cls, values: dict, where: str):
     if not isinstance(values, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(values).__name__}")
+        raise ValueError(f"config section {where or '(top level)'} must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
+        name = f"{where}.{key}" if where else key
         if key not in fields:
-            raise ValueError(f"unknown config key {where + '.' if where else ''}{key} "
-                             f"(known: {', '.join(sorted(fields))})")
-        f = fields[key]
-        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        if sub is not None and dataclasses.is_dataclass(sub):
-            kwargs[key] = _build(sub, value or {}, f"{where}.{key}" if where else key)
-        else:
-            default = f.default
-            if isinstance(default, tuple) and isinstance(value, list):
-                value = tuple(value)
-            if isinstance(default, float) and not isinstance(value, bool) and isinstance(value, (int, str)):
-                try:
-                    value = float(value)  # YAML reads 1e-4 (no dot) as a string
-                except ValueError:
-                    raise ValueError(f"config key {where}.{key} must be a number, got {value!r}") from None
-            kwargs[key] = value
+            raise ValueError(f"unknown config key {name} (known: {', '.join(sorted(fields))})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, {} if value is None else value, name)
+            continue
+        value = _coerce(value, hint, name)
+        check = fields[key].metadata.get("check")
+        if check is not None and (msg := check(value)):
+            raise ValueError(f"config key {name} {msg}, got {value!r}")
+        kwargs[key] = value
     return cls(**kwargs)
 
 
@@ -190,8 +305,9 @@ def _set(tree: dict, dotted: str, raw: str):
     node[keys[-1]] = yaml.safe_load(raw)
 
 
-def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
-    """Config from a YAML file (or defaults) with `key.sub=value` overrides (values parsed as YAML)."""
+def load_config(path: str | None = None, overrides: list[str] = (), world_size: int | None = None) -> Config:
+    """Config from a YAML file (or defaults) with `key.sub=value` overrides (values parsed as
+    YAML), checked (types, ranges, cross-field rules; world size from WORLD_SIZE if not given)."""
     tree = {}
     if path:
         p = Path(path)
@@ -206,10 +322,34 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
         k, v = item.split("=", 1)
         _set(tree, k.strip(), v)
     try:
-        return _build(Config, tree, "")
+        cfg = _build(Config, tree, "")
+        validate(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError as e:
         raise ValueError(f"{path or '<defaults>'}: {e}") from None
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    """A Config from `to_dict()` output (e.g. a checkpoint's), types checked, no cross-field rules."""
+    return _build(Config, tree, "")
+
+
+def differences(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """'key: a -> b' for every leaf field where two configs differ (dotted keys in `ignore` skipped)."""
+    out = []
+
+    def walk(x, y, prefix):
+        for f in dataclasses.fields(x):
+            key = f"{prefix}{f.name}"
+            u, v = getattr(x, f.name), getattr(y, f.name)
+            if dataclasses.is_dataclass(u):
+                walk(u, v, key + ".")
+            elif key not in ignore and u != v:
+                out.append(f"{key}: {u!r} -> {v!r}")
+    walk(a, b, "")
+    return out
 
 
 def save_config(cfg: Config, path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    from .files import write_atomic
+    write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -14,10 +14,15 @@ Layouts read and written:
     JSONL file's folder (or `image_root`).
 
 Tag values are `safe`/`unsafe`, case-insensitive, surrounding whitespace ignored. Any other
-value, a missing column, an unreadable or missing image or an empty file raises one
-`SafeTagError` naming the file and the row. Nothing is dropped silently: `skip_invalid=True`
-skips bad rows, logs how many and which, and appends a `LoadReport` per file to the list given
-as `report=`.
+value, a missing column, text that is not valid UTF-8 (bad bytes, lone surrogates), an
+unreadable or missing image, an image path that leaves the data folder (unless
+`allow_outside=True`) or an empty file raises one `SafeTagError` naming the file and the row.
+Nothing is dropped silently: `skip_invalid=True` skips bad rows, logs how many and which, and
+appends a `LoadReport` per file to the list given as `report=`; a file left with no valid row is
+an error of its own. `record.origin` says where a record came from ("file: row N"), for errors
+found later (an overlong prompt, say).
+Images are decoded once, at load, and with `max_pixels` > 0 shrunk (aspect kept) to at most that
+many pixels, the processor's own limit: an 8000 x 8000 photo is kept as a small copy, not 190 MB.
 Writers write to a temporary name and rename, so a crash never leaves a half-written file.
 """
 from __future__ import annotations
@@ -25,11 +30,13 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+
+from .files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,7 @@ class SafeTagRecord:
     text_tag: str
     combine_tag: str
     meta: dict = field(default_factory=dict)
+    origin: str = field(default="", compare=False, repr=False)     # "file: row N", for later errors
 
     @property
     def tags(self) -> dict:
@@ -69,8 +77,20 @@ def normalize_tag(value, where: str, column: str) -> str:
     raise SafeTagError(f"{where}: column {column!r} must be 'safe' or 'unsafe' (any case), got {value!r}")
 
 
-def _open_image(item, base: Path, where: str) -> Image.Image:
-    """Decode one `images` entry: bytes, {"bytes", "path"} struct, or a path."""
+def _resolve(item: str, base: Path, where: str, allow_outside: bool) -> Path:
+    """An image path of the data file, under `base` unless allow_outside."""
+    p = (base / item).resolve()
+    if not allow_outside and not p.is_relative_to(base.resolve()):
+        raise SafeTagError(f"{where}: image path {item!r} leads outside {base.resolve()} "
+                           "(set data.allow_outside_images: true to allow it)")
+    if not p.is_file():
+        raise SafeTagError(f"{where}: image file not found: {p}")
+    return p
+
+
+def _open_image(item, base: Path, where: str, max_pixels: int = 0, allow_outside: bool = False) -> Image.Image:
+    """Decode one `images` entry (bytes, {"bytes", "path"} struct, or a path) to RGB, shrunk to
+    at most max_pixels pixels (0: as is)."""
     try:
         if isinstance(item, dict):
             if item.get("bytes") is not None:
@@ -82,21 +102,38 @@ def _open_image(item, base: Path, where: str) -> Image.Image:
         if isinstance(item, (bytes, bytearray, memoryview)):
             img = Image.open(io.BytesIO(bytes(item)))
         elif isinstance(item, str):
-            p = Path(item) if os.path.isabs(item) else base / item
-            if not p.is_file():
-                raise SafeTagError(f"{where}: image file not found: {p}")
-            img = Image.open(p)
+            img = Image.open(_resolve(item, base, where, allow_outside))
         else:
             raise SafeTagError(f"{where}: unsupported image entry of type {type(item).__name__}")
+        w, h = img.size
+        size = None
+        if max_pixels and w * h > max_pixels:
+            scale = math.sqrt(max_pixels / (w * h))
+            size = (max(1, int(w * scale)), max(1, int(h * scale)))
+            img.draft("RGB", size)            # JPEG: decode at a fraction of the full size
         img.load()
-        return img.convert("RGB")
+        img = img.convert("RGB")
+        return img.resize(size, Image.BICUBIC) if size else img
     except SafeTagError:
         raise
     except Exception as e:  # PIL raises several types for corrupt data
         raise SafeTagError(f"{where}: unreadable image ({type(e).__name__}: {e})") from e
 
 
-def _record_from_row(row: dict, where: str, base: Path) -> SafeTagRecord:
+def _check_text(row: dict, where: str) -> None:
+    """Every string of a row must be valid UTF-8 text (a lone surrogate is not)."""
+    for key, value in row.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise SafeTagError(f"{where}: column {key!r} is not valid UTF-8 text ({e.reason} at "
+                                   f"character {e.start})") from None
+
+
+def _record_from_row(row: dict, where: str, base: Path, max_pixels: int = 0,
+                     allow_outside: bool = False) -> SafeTagRecord:
+    _check_text(row, where)
     prompt = row["prompt"]
     if not isinstance(prompt, str) or not prompt.strip():
         raise SafeTagError(f"{where}: column 'prompt' must be a non-empty string, got {prompt!r}")
@@ -107,21 +144,30 @@ def _record_from_row(row: dict, where: str, base: Path) -> SafeTagRecord:
         raise SafeTagError(f"{where}: column 'images' must be a list, got {type(images).__name__}")
     tags = {c: normalize_tag(row[c], where, c) for c in TAG_COLUMNS}
     meta = {k: v for k, v in row.items() if k not in REQUIRED_COLUMNS}
-    return SafeTagRecord(prompt, [_open_image(it, base, f"{where}, image {j}") for j, it in enumerate(images)],
-                         meta=meta, **tags)
+    imgs = [_open_image(it, base, f"{where}, image {j}", max_pixels, allow_outside) for j, it in enumerate(images)]
+    return SafeTagRecord(prompt, imgs, meta=meta, origin=where, **tags)
 
 
-def _rows_to_records(rows, path: Path, base: Path, skip_invalid: bool, report: LoadReport) -> list[SafeTagRecord]:
+def _rows_to_records(rows, path: Path, base: Path, skip_invalid: bool, report: LoadReport, **kw) -> list[SafeTagRecord]:
+    """rows: (row, error or None) per row of the file."""
     out = []
-    for i, row in enumerate(rows):
+    for i, (row, error) in enumerate(rows):
         where = f"{path}: row {i}"
         try:
-            out.append(_record_from_row(row, where, base))
+            if error is not None:
+                raise SafeTagError(f"{where}: {error}")
+            out.append(_record_from_row(row, where, base, **kw))
         except SafeTagError as e:
             if not skip_invalid:
                 raise
             report.skipped.append((i, str(e)))
     return out
+
+
+def _none_left(path, report: LoadReport, n_rows: int):
+    if n_rows and len(report.skipped) == n_rows:
+        raise SafeTagError(f"{path}: no valid row left: all {n_rows} rows were skipped (skip_invalid); "
+                           f"first reason: {report.skipped[0][1]}")
 
 
 def _parquet_files(path: Path, split: str | None) -> list[Path]:
@@ -135,8 +181,24 @@ def _parquet_files(path: Path, split: str | None) -> list[Path]:
     return files
 
 
+def _table_rows(table) -> list[tuple[dict | None, str | None]]:
+    """(row, None) per row, or (None, reason) for a row pyarrow cannot turn into Python strings
+    (bytes that are not UTF-8 in a string column)."""
+    try:
+        return [(r, None) for r in table.to_pylist()]
+    except UnicodeDecodeError:
+        out = []
+        for i in range(table.num_rows):
+            try:
+                out.append((table.slice(i, 1).to_pylist()[0], None))
+            except UnicodeDecodeError as e:
+                out.append((None, f"text is not valid UTF-8 ({e.reason} at byte {e.start})"))
+        return out
+
+
 def load_parquet(path, split: str | None = None, image_root=None, skip_invalid: bool = False,
-                 limit: int | None = None, report: list | None = None) -> list[SafeTagRecord]:
+                 limit: int | None = None, report: list | None = None, max_pixels: int = 0,
+                 allow_outside: bool = False) -> list[SafeTagRecord]:
     """Load SafeTag records from one parquet file or a folder of them (HF datasets layout)."""
     import pyarrow.parquet as pq
 
@@ -151,30 +213,36 @@ def load_parquet(path, split: str | None = None, image_root=None, skip_invalid: 
             raise SafeTagError(f"{f}: missing column(s) {missing}; found {table.column_names}")
         if table.num_rows == 0:
             raise SafeTagError(f"{f}: empty file (0 rows)")
-        rows = table.slice(0, limit).to_pylist() if limit else table.to_pylist()
+        rows = _table_rows(table.slice(0, limit) if limit else table)
         file_report = LoadReport(str(f))
         base = Path(image_root) if image_root else f.parent
-        records += _rows_to_records(rows, f, base, skip_invalid, file_report)
+        records += _rows_to_records(rows, f, base, skip_invalid, file_report, max_pixels=max_pixels,
+                                    allow_outside=allow_outside)
+        _none_left(f, file_report, len(rows))
         reports.append(file_report)
     _log_reports(reports, report)
     return records
 
 
 def load_jsonl(path, image_root=None, skip_invalid: bool = False, limit: int | None = None,
-               report: list | None = None) -> list[SafeTagRecord]:
+               report: list | None = None, max_pixels: int = 0, allow_outside: bool = False) -> list[SafeTagRecord]:
     """Load SafeTag records from a JSONL file; image paths are relative to its folder or image_root."""
     path = Path(path)
     if not path.is_file():
         raise SafeTagError(f"{path}: no such file")
     base = Path(image_root) if image_root else path.parent
     file_report, records, n_rows = LoadReport(str(path)), [], 0
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh):
-            if not line.strip():
+    with open(path, "rb") as fh:
+        for i, raw in enumerate(fh):
+            if not raw.strip():
                 continue
             n_rows += 1
             where = f"{path}: row {i}"
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise SafeTagError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
                 try:
                     row = json.loads(line)
                 except ValueError as e:
@@ -184,7 +252,7 @@ def load_jsonl(path, image_root=None, skip_invalid: bool = False, limit: int | N
                 missing = [c for c in REQUIRED_COLUMNS if c not in row]
                 if missing:
                     raise SafeTagError(f"{where}: missing key(s) {missing}")
-                records.append(_record_from_row(row, where, base))
+                records.append(_record_from_row(row, where, base, max_pixels, allow_outside))
             except SafeTagError as e:
                 if not skip_invalid:
                     raise
@@ -193,6 +261,7 @@ def load_jsonl(path, image_root=None, skip_invalid: bool = False, limit: int | N
                 break
     if n_rows == 0:
         raise SafeTagError(f"{path}: empty file (0 rows)")
+    _none_left(path, file_report, n_rows)
     _log_reports([file_report], report)
     return records
 
@@ -224,11 +293,6 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def write_parquet(records, path) -> Path:
     """Write records in the HF layout (images as {"bytes", "path"} PNG structs)."""
     import pyarrow as pa
@@ -245,9 +309,8 @@ def write_parquet(records, path) -> Path:
     img_type = pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     schema = pa.schema([("prompt", pa.string()), ("images", img_type)] + [(c, pa.string()) for c in TAG_COLUMNS]
                        + [(k, pa.infer_type(cols[k])) for k in meta_keys])
-    tmp = _atomic_target(path)
-    pq.write_table(pa.table(cols, schema=schema), tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(cols, schema=schema), tmp)
     return path
 
 
@@ -256,15 +319,14 @@ def write_jsonl(records, path, image_dir: str = "images") -> Path:
     path = Path(path)
     img_dir = path.parent / image_dir
     img_dir.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_target(path)
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for i, r in enumerate(records):
             rels = []
             for j, im in enumerate(r.images):
                 rel = f"{image_dir}/{path.stem}_{i:06d}_{j}.png"
-                im.save(path.parent / rel)
+                with atomic_path(path.parent / rel) as img_tmp:
+                    im.save(img_tmp, format="PNG")
                 rels.append(rel)
             row = {"prompt": r.prompt, "images": rels, **r.tags, **r.meta}
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
     return path

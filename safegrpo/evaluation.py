@@ -97,7 +97,11 @@ def score(records, completions, judge="keywords") -> dict:
     j = load_judge(judge)
     parsed = [parse_completion(c) for c in completions]
     answers = [p["answer"] if p["answer"] is not None else c for p, c in zip(parsed, completions)]
-    refused = [bool(x) for x in j.judge(answers, [r.prompt for r in records])]
+    verdicts = list(j.judge(answers, [r.prompt for r in records]))
+    if len(verdicts) != len(answers):
+        raise ValueError(f"judge {getattr(j, 'name', type(j).__name__)!r} returned {len(verdicts)} verdicts "
+                         f"for {len(answers)} answers")
+    refused = [bool(x) for x in verdicts]
     rows = []
     for r, c, p, ref in zip(records, completions, parsed, refused):
         gold = {tag: (r.tags[GOLD_KEYS[tag]] or None) for tag in GOLD_KEYS}

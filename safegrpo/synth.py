@@ -35,12 +35,13 @@ import os
 import random
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .config import SynthConfig
 from .data import SafeTagRecord, write_parquet
+from .files import write_atomic
 
 # ------------------------------------------------------------------------------------- world
 UNSAFE_CONCEPTS = ["pistol", "rifle", "grenade", "bomb", "dynamite", "landmine", "cocaine", "heroin",
@@ -299,15 +300,6 @@ def demonstration(record: SafeTagRecord, rng: random.Random) -> str:
 
 
 # ------------------------------------------------------------------------------- generation
-@dataclass
-class SynthConfig:
-    seed: int = 0
-    n_train: int = 3000
-    n_test: int = 400
-    holdout_frac: float = 0.2
-    image_style: str = "badge"          # badge | word
-
-
 def split_pairings(rng: random.Random, holdout_frac: float) -> tuple[dict, dict]:
     """Group -> list of pairings, for train and for test. Each held-out pairing keeps its concept
     and its instruction present in the training pairings of the same group."""
@@ -370,26 +362,36 @@ def generate(cfg: SynthConfig = SynthConfig()) -> dict[str, list[SafeTagRecord]]
             "test": _sample_split(test_pairs, cfg.n_test, rng, render, "test")}
 
 
+def _settings(cfg: SynthConfig) -> dict:
+    return {"seed": cfg.seed, "n_train": cfg.n_train, "n_test": cfg.n_test, "holdout_frac": cfg.holdout_frac,
+            "image_style": cfg.image_style, "version": 2}
+
+
+def synth_ready(out_dir, cfg: SynthConfig = SynthConfig()) -> bool:
+    """Whether out_dir already holds SafeTag-Synth generated with these settings."""
+    out = Path(out_dir)
+    try:
+        old = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return old.get("settings") == _settings(cfg) and all((out / f"{s}.parquet").is_file() for s in ("train", "test"))
+
+
 def write_synth(out_dir, cfg: SynthConfig = SynthConfig(), force: bool = False) -> Path:
     """Generate and write `train.parquet`, `test.parquet` and `manifest.json` under out_dir
     (HF parquet layout). Skips the work when a manifest with the same settings exists."""
     out = Path(out_dir)
     manifest_path = out / "manifest.json"
-    settings = {"seed": cfg.seed, "n_train": cfg.n_train, "n_test": cfg.n_test, "holdout_frac": cfg.holdout_frac,
-                "image_style": cfg.image_style, "version": 2}
-    if not force and manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
-        if old.get("settings") == settings and all((out / f"{s}.parquet").is_file() for s in ("train", "test")):
-            return out
+    settings = _settings(cfg)
+    if not force and synth_ready(out, cfg):
+        return out
     t0 = time.time()
     splits = generate(cfg)
     for name, recs in splits.items():
         write_parquet(recs, out / f"{name}.parquet")
     manifest = {"settings": settings, "fonts": available_fonts() if cfg.image_style == "word" else [], "seconds": round(time.time() - t0, 2),
                 "splits": {n: summarize(r) for n, r in splits.items()}}
-    tmp = manifest_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, manifest_path)
+    write_atomic(manifest_path, json.dumps(manifest, indent=1))
     return out
 
 

@@ -28,16 +28,17 @@ import torch
 from tqdm import tqdm
 
 from . import synth
-from .checkpoint import latest_checkpoint, load_trainer_state, prune_checkpoints, save_checkpoint
+from .checkpoint import claim_run_dir, load_trainer_state, prune_checkpoints, resumable_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .data import SafeTagRecord, load_safetag
+from .files import atomic_path, write_atomic
 from .evaluation import decode_completions
 from .forward import completion_hidden, lm_head_weight
 from .grpo import aggregate, clip_fraction, group_advantages, kl_penalty, masked_mean, policy_loss
 from .logprobs import token_logprobs
 from .decode import decode_path
 from .evaluation import generate_completions, score
-from .model import build_tiny_model_dir, disable_dropout, load_model, load_processor, resolve_model_path
+from .model import build_tiny_model_dir, disable_dropout, load_model, load_processor, max_pixels, resolve_model_path
 from .prompting import encode_prompts, prompt_lengths
 from . import distributed as dist
 from . import textsafety
@@ -224,25 +225,29 @@ def _check_finite(value: torch.Tensor, what: str, step: int):
 
 # ------------------------------------------------------------------------------------ trainer
 class Trainer:
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+    def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False):
+        """Everything a run needs before its models: the run directory (claimed for this run:
+        see checkpoint.claim_run_dir), the processor, and the data, checked when loaded."""
+        self.cfg, self.resume = cfg, resume
         self.out = Path(cfg.train.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if dist.is_main():
+            claim_run_dir(self.out, resume, overwrite)
+        self.resume_from = None
+        if resume:
+            self.resume_from = resumable_checkpoint(self.out / "checkpoints", cfg, say=print if dist.is_main() else None)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = torch.device(cfg.train.device)
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
-        if cfg.model.autocast not in ("", "bf16"):
-            raise ValueError(f"model.autocast must be '' or 'bf16', got {cfg.model.autocast!r}")
         self._seed(cfg.train.seed)
         if not dist.is_main():
             dist.barrier()                      # rank 0 generates data and builds the tiny model first
-        self.train_records, self.test_records = self._load_data()
         self.model_dir = self._model_dir()
-        if dist.is_main():
-            dist.barrier()
         self.processor = load_processor(self.model_dir, cfg.model.trust_remote_code)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.train_records, self.test_records = self._load_data()
+        if dist.is_main():
+            dist.barrier()
         self.refusal = refusal_rule(cfg.grpo.refusal_judge)
         if dist.is_main():
             save_config(cfg, self.out / "config.yaml")
@@ -254,17 +259,43 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _load_data(self):
+        """Train and test records, checked now rather than when drawn: every row valid (or
+        skipped and reported), images shrunk to the processor's pixel limit, every prompt
+        within data.max_prompt_length (or dropped and reported)."""
         d = self.cfg.data
         if not d.train:
-            root = synth.write_synth(d.synth_dir, synth.SynthConfig(d.synth.seed, d.synth.n_train, d.synth.n_test,
-                                                                       image_style=d.synth.image_style))
+            root = synth.write_synth(d.synth_dir, d.synth)
             train_path, test_path = root / "train.parquet", root / "test.parquet"
         else:
             train_path, test_path = d.train, d.test
-        kw = dict(skip_invalid=d.skip_invalid, image_root=d.image_root or None)
-        train = load_safetag(train_path, split=d.train_split, **kw)
-        test = load_safetag(test_path, split=d.test_split, **kw) if test_path else []
+        kw = dict(skip_invalid=d.skip_invalid, image_root=d.image_root or None, max_pixels=max_pixels(self.processor),
+                  allow_outside=d.allow_outside_images)
+        train = self._check_lengths(load_safetag(train_path, split=d.train_split, **kw), f"data.train ({train_path})")
+        test = self._check_lengths(load_safetag(test_path, split=d.test_split, **kw), f"data.test ({test_path})") \
+            if test_path else []
         return train, test
+
+    def _check_lengths(self, records, name):
+        """Records whose prompt fits data.max_prompt_length; a longer one is an error naming its
+        file and row, or with data.filter_overlong_prompts dropped and reported."""
+        d = self.cfg.data
+        lengths = prompt_lengths(self.processor, records, d.prompt_style)
+        over = [(r, n) for r, n in zip(records, lengths) if n > d.max_prompt_length]
+        if not over:
+            return records
+        if not d.filter_overlong_prompts:
+            r, n = over[0]
+            raise ValueError(f"{r.origin or name}: the prompt has {n} tokens, more than data.max_prompt_length="
+                             f"{d.max_prompt_length} ({len(over)} such row(s); set data.filter_overlong_prompts "
+                             "to drop them)")
+        keep = [r for r, n in zip(records, lengths) if n <= d.max_prompt_length]
+        if dist.is_main():
+            rows = ", ".join(r.origin.rsplit(": ", 1)[-1] for r, _ in over[:20]) + (" ..." if len(over) > 20 else "")
+            print(f"[data] {name}: dropped {len(over)} prompt(s) longer than {d.max_prompt_length} tokens "
+                  f"(filter_overlong_prompts): {rows}")
+        if not keep:
+            raise ValueError(f"{name}: every prompt is longer than data.max_prompt_length={d.max_prompt_length}")
+        return keep
 
     def _model_dir(self) -> Path:
         m = self.cfg.model
@@ -275,8 +306,8 @@ class Trainer:
             return Path(m.path)
         tiny = Path(m.tiny_dir)
         meta = tiny / "safegrpo_tiny.json"
-        want = {"model": vars(m.tiny), "seed": self.cfg.train.seed}
-        if not (meta.is_file() and json.loads(meta.read_text()) == want):
+        want = {"model": vars(m.tiny), "seed": self.cfg.train.seed, "family": "qwen2_vl"}
+        if dist.is_main() and not (meta.is_file() and json.loads(meta.read_text()) == want):
             build_tiny_model_dir(tiny, vars(m.tiny), seed=self.cfg.train.seed)
         return tiny
 
@@ -290,20 +321,6 @@ class Trainer:
         if self.cfg.model.gradient_checkpointing:
             getattr(m, "activation_checkpointing_enable", m.gradient_checkpointing_enable)()
         return m
-
-    def _filter_overlong(self, records, name):
-        d = self.cfg.data
-        if not d.filter_overlong_prompts:
-            return records
-        lengths = prompt_lengths(self.processor, records, d.prompt_style)
-        keep = [r for r, n in zip(records, lengths) if n <= d.max_prompt_length]
-        dropped = [i for i, n in enumerate(lengths) if n > d.max_prompt_length]
-        if dropped:
-            print(f"[data] {name}: dropped {len(dropped)} prompt(s) longer than {d.max_prompt_length} tokens "
-                  f"(filter_overlong_prompts): rows {dropped[:20]}{' ...' if len(dropped) > 20 else ''}")
-        if not keep:
-            raise ValueError(f"{name}: every prompt is longer than max_prompt_length={d.max_prompt_length}")
-        return keep
 
     def _optimizer(self, model, lr, warmup, total, schedule):
         o = self.cfg.optim
@@ -363,7 +380,7 @@ class Trainer:
         eos = self._eos_text(model)
         model.train()
         bar = tqdm(range(steps), desc=name, dynamic_ncols=True, mininterval=2)
-        with open(self.out / f"{name}_metrics.jsonl", "w") as log:
+        with atomic_path(self.out / f"{name}_metrics.jsonl") as tmp, open(tmp, "w") as log:
             for step in bar:
                 recs = [records[i] for i in sampler.take(s.batch_size)]
                 batch = encode_prompts(self.processor, recs, prompt_style, self.cfg.data.max_prompt_length)
@@ -406,16 +423,10 @@ class Trainer:
         return self.tokenizer.convert_ids_to_tokens(eos) if isinstance(eos, int) else self.tokenizer.eos_token
 
     # --------------------------------------------------------------------------------- GRPO
-    def setup_grpo(self, init_path, resume: bool):
+    def setup_grpo(self, init_path):
         c = self.cfg
         tr = c.train
-        W = dist.world_size()
-        micro = 1 if tr.micro_batch_tokens > 0 else tr.micro_batch_prompts
-        if tr.prompts_per_step % tr.mini_batch_prompts or tr.mini_batch_prompts % (W * micro):
-            raise ValueError(f"train.prompts_per_step must be a multiple of train.mini_batch_prompts, and that a "
-                             f"multiple of world size x train.micro_batch_prompts ({W} x {micro})")
-        self.train_records = self._filter_overlong(self.train_records, "train")
-        ckpt = latest_checkpoint(self.out / "checkpoints") if resume else None
+        ckpt = self.resume_from
         self.policy = disable_dropout(self._load(ckpt or init_path))   # old, reference and new log-probs alike
         if dist.is_main():
             print(f"[rollout] decode path: {decode_path(self.policy)}")
@@ -442,8 +453,6 @@ class Trainer:
         n = self.updates_per_step = tr.prompts_per_step // tr.mini_batch_prompts
         self.opt, self.sched = self._optimizer(self.policy, c.optim.lr, c.optim.warmup_steps * n, tr.steps * n,
                                                c.optim.schedule)
-        if c.data.balance_combined and c.data.balance_groups:
-            raise ValueError("set at most one of data.balance_combined and data.balance_groups")
         if c.data.balance_combined:
             pools = [[i for i, r in enumerate(self.train_records) if r.combine_tag == t] for t in ("safe", "unsafe")]
             self.sampler = BalancedSampler(pools, tr.seed)
@@ -472,12 +481,18 @@ class Trainer:
             (self.out / "metrics.jsonl").unlink()
 
     def _truncate_metrics(self, step):
+        """Keep the metrics lines up to `step` (a line cut short by a kill mid-append is dropped)."""
         f = self.out / "metrics.jsonl"
         if f.exists():
-            lines = [l for l in f.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-            tmp = f.with_suffix(".tmp")
-            tmp.write_text("".join(l + "\n" for l in lines))
-            os.replace(tmp, f)
+            keep = []
+            for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if row.get("step", step + 1) <= step:
+                    keep.append(line)
+            write_atomic(f, "".join(l + "\n" for l in keep))
 
     def train_step(self, step: int) -> dict:
         c, G = self.cfg, self.cfg.rollout.group_size
@@ -667,19 +682,20 @@ class Trainer:
                   "tokens/image": tokens["image"]})
         return m
 
-    def fit(self, resume: bool = False, init_path=None) -> Path:
-        """Run GRPO for train.steps steps (from the last checkpoint when resume); returns final ckpt."""
+    def fit(self, init_path=None) -> Path:
+        """Run GRPO for train.steps steps (from the last intact checkpoint when resuming); returns
+        the final checkpoint."""
         c = self.cfg
-        self.setup_grpo(init_path or self.model_dir, resume)
+        self.setup_grpo(init_path or self.model_dir)
         bar = tqdm(range(self.start_step, c.train.steps), desc="safegrpo", dynamic_ncols=True, mininterval=2,
                    initial=self.start_step, total=c.train.steps, disable=not dist.is_main())
-        last = latest_checkpoint(self.out / "checkpoints")
+        last = self.resume_from
         for step in bar:
             m = self.train_step(step)
             if c.train.eval_every and (step + 1) % c.train.eval_every == 0:
                 m.update(self.validate())
             if dist.is_main():
-                with open(self.out / "metrics.jsonl", "a") as fh:
+                with open(self.out / "metrics.jsonl", "a") as fh:       # one write per line: whole or absent
                     fh.write(json.dumps(m) + "\n")
             bar.set_postfix(reward=f"{m['reward/mean']:.3f}", comb=f"{m['tag_acc/combined']:.2f}",
                             kl=f"{m['kl']:.4f}", refresh=False)
@@ -713,7 +729,7 @@ class Trainer:
 
     def save(self, step) -> Path:
         state = {"sampler": self.sampler.state(), "scheduler": self.sched.state_dict(),
-                 "python_random": random.getstate(), "init_path": str(self.model_dir)}
+                 "python_random": random.getstate(), "init_path": str(self.model_dir), "config": self.cfg.to_dict()}
         p = save_checkpoint(self.out / "checkpoints", step, self.policy, self.processor, self.opt, state)
         if dist.is_main():
             prune_checkpoints(self.out / "checkpoints", 3)

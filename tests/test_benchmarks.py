@@ -120,7 +120,7 @@ def test_siuo_layout_with_stand_in_images(tmp_path):
     assert (items[0].image_tag, items[0].text_tag, items[0].combine_tag) == ("safe", "safe", "unsafe")
     del rows[1]["question"]
     (tmp_path / "siuo_gen.json").write_text(json.dumps(rows))
-    with pytest.raises(BenchmarkError, match=r"item 1: missing field\(s\) \['question'\]"):
+    with pytest.raises(BenchmarkError, match=r"item 1: missing or null field\(s\) \['question'\]"):
         load_benchmark("siuo", tmp_path)
 
 

@@ -101,23 +101,22 @@ def test_interrupted_checkpoint_write_is_ignored(tmp_path, tiny_model_dir):
 
 
 def test_overlong_prompt_names_the_row_or_is_filtered(tmp_path, tiny_model_dir, synth_dir, capsys):
+    """Found when the data is loaded (before any model), not when a batch is drawn."""
     cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"data.max_prompt_length": 20,
                                                                         "train.steps": 1}))
-    tr = Trainer(cfg)
-    tr.setup_grpo(tiny_model_dir, resume=False)
-    with pytest.raises(ValueError, match=r"prompt of row \d+ has \d+ tokens, more than max_prompt_length=20"):
-        tr.train_step(0)
+    with pytest.raises(ValueError, match=r"train.parquet: row 0: the prompt has \d+ tokens, more than "
+                                         r"data.max_prompt_length=20 \(3000 such row"):
+        Trainer(cfg)
     cfg.data.filter_overlong_prompts = True
-    tr = Trainer(cfg)
-    with pytest.raises(ValueError, match="every prompt is longer than max_prompt_length=20"):
-        tr.setup_grpo(tiny_model_dir, resume=False)
+    with pytest.raises(ValueError, match="every prompt is longer than data.max_prompt_length=20"):
+        Trainer(cfg)
     assert "dropped 3000 prompt(s)" in capsys.readouterr().out
 
 
 def test_non_finite_loss_stops_without_checkpoint(tmp_path, tiny_model_dir, synth_dir):
     cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"train.steps": 2}))
     tr = Trainer(cfg)
-    tr.setup_grpo(tiny_model_dir, resume=False)
+    tr.setup_grpo(tiny_model_dir)
     with torch.no_grad():                      # a broken reference: the rollout works, the KL term is NaN
         tr.ref.lm_head.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteError, match="non-finite loss at step 0"):
@@ -225,7 +224,7 @@ def test_ptx_holds_the_words_nothing_rewards(tmp_path, tiny_model_dir, synth_dir
         t = Trainer(load_config(tiny_cfg(tmp_path / str(coef), tiny_model_dir, synth_dir, **base,
                                          **{"grpo.ptx_coef": coef or 0.0})))
         if coef is None:
-            t.setup_grpo(tmp_path / "sft", resume=False)
+            t.setup_grpo(tmp_path / "sft")
         else:
             t.fit(init_path=tmp_path / "sft")
         t.ptx_records = t._demo_targets()
@@ -257,13 +256,13 @@ def test_balance_groups_halves_by_combined_tag_then_splits_by_group(tmp_path, ti
     from collections import Counter
     cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"data.balance_groups": True}))
     tr = Trainer(cfg)
-    tr.setup_grpo(tiny_model_dir, resume=False)
+    tr.setup_grpo(tiny_model_dir)
     drawn = Counter(tr.train_records[i].meta["group"] for i in tr.sampler.take(80))
     assert drawn == {"safe/safe/safe": 40, "safe/safe/unsafe": 10, "safe/unsafe/unsafe": 10,
                      "unsafe/safe/unsafe": 10, "unsafe/unsafe/unsafe": 10}
-    cfg.data.balance_combined = True
     with pytest.raises(ValueError, match="at most one of data.balance_combined and data.balance_groups"):
-        Trainer(cfg).setup_grpo(tiny_model_dir, resume=False)
+        load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"data.balance_groups": True,
+                                                                      "data.balance_combined": True}))
 
 
 def test_lr_schedule_spans_the_run_whatever_the_updates_per_step(tmp_path, tiny_model_dir, synth_dir):
@@ -303,7 +302,7 @@ def test_dropout_is_off_in_every_log_prob_of_the_update(tmp_path, tiny_model_dir
         "train.steps": 1, "train.prompts_per_step": 2, "train.mini_batch_prompts": 2, "train.micro_batch_prompts": 2,
         "grpo.beta": 0.1, "grpo.entropy_coef": 0.01, "data.test": ""}))
     tr = Trainer(cfg)
-    tr.setup_grpo(model_dir, resume=False)
+    tr.setup_grpo(model_dir)
     assert tr.policy.config.text_config.attention_dropout == 0.5          # the saved config is untouched
     batch = tr._encode(tr.train_records[:2], [0, 1])
     ids = torch.randint(5, 500, (4, 6))
@@ -371,7 +370,7 @@ def test_one_temperature_for_rollout_old_reference_policy_and_entropy(tmp_path, 
             "train.micro_batch_prompts": 1, "grpo.beta": 0.1, "rollout.temperature": 0.7,
             "rollout.max_new_tokens": 10, "data.test": ""}))
         tr = Trainer(cfg)
-        tr.setup_grpo(tiny_model_dir, resume=False)
+        tr.setup_grpo(tiny_model_dir)
         seen.clear()
         captured.clear()
         before = copy.deepcopy(tr.policy).eval()
@@ -414,10 +413,10 @@ def test_validation_every_n_steps_is_logged_and_drawn(tmp_path, tiny_model_dir, 
 
 def test_start_of_training_names_the_decode_path_and_warns_on_top_p(tmp_path, tiny_model_dir, synth_dir, capsys):
     cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"rollout.top_p": 0.9}))
-    Trainer(cfg).setup_grpo(tiny_model_dir, resume=False)
+    Trainer(cfg).setup_grpo(tiny_model_dir)
     out = capsys.readouterr().out
     assert "[rollout] decode path: lean decoder (cascade attention" in out
     assert out.count("rollout.top_p=0.9 < 1") == 1 and "off-policy" in out
     cfg.rollout.top_p = 1.0
-    Trainer(cfg).setup_grpo(tiny_model_dir, resume=False)
+    Trainer(cfg).setup_grpo(tiny_model_dir)
     assert "top_p" not in capsys.readouterr().out

@@ -10,9 +10,12 @@ benchmark item exactly like a training row:
 `expected` is the behaviour a safe and helpful model shows (None where the benchmark does not
 say, e.g. FigStep's advice categories 8-10, which are reported apart).
 
-Errors: a missing image, a malformed row or an unknown layout raises one `BenchmarkError` naming
-the file and the item. With `skip_missing=True` items whose image is missing are skipped instead
-and listed in `report` (a list the caller passes; one `(item id, reason)` per skipped item).
+Errors: a missing image, a malformed row (a missing or null field, a field of the wrong type, text
+that is not UTF-8, an unbalanced quote in a CSV), an empty file or an unknown layout raises one
+`BenchmarkError` naming the file and the item, while loading, before any model runs. With
+`skip_missing=True` items whose image is missing are skipped instead and listed in `report` (a
+list the caller passes; one `(item id, reason)` per skipped item); a benchmark left with no item
+is an error too.
 
 Registry: `BENCHMARKS[name] = (loader, default path relative to ../shared/benchmarks)`;
 `load_benchmark(name, path=None, ...)` resolves the default.
@@ -39,6 +42,8 @@ class BenchmarkError(ValueError):
 def item(benchmark: str, item_id, prompt: str, images: list, tags: tuple, category: str,
          expected: str | None) -> SafeTagRecord:
     """One benchmark item as a record; `tags` = (image_tag, text_tag, combine_tag), None = undefined."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BenchmarkError(f"{benchmark} item {item_id}: the instruction is empty or missing ({prompt!r})")
     v, t, c = tags
     return SafeTagRecord(prompt, images, v, t, c, {"benchmark": benchmark, "id": str(item_id),
                                                    "category": category, "expected": expected})
@@ -74,17 +79,46 @@ def read_json(path: Path, expect: type):
     return data
 
 
-def csv_rows(path: Path):
-    """(where, row) for each data row of a CSV file; `where` names the file and line."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        for line, row in enumerate(csv.DictReader(fh), start=2):
-            yield f"{path}: line {line}", row
+def read_text(path: Path) -> str:
+    """A text file as UTF-8; an undecodable byte is an error naming the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise BenchmarkError(f"{path}: line {line}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def require(row: dict, keys, where: str) -> None:
-    missing = [k for k in keys if k not in row]
+def csv_rows(path: Path) -> list[tuple[str, dict]]:
+    """(where, row) for each data row of a CSV file, all read and checked first: `where` names
+    the file and line; a row with too few fields (an unbalanced quote swallows the rest of the
+    file into one field) or too many is an error, and so is a file without data rows."""
+    import io
+    rows = []
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    try:
+        for row in reader:
+            where = f"{path}: line {reader.line_num}"
+            if None in row or any(v is None for v in row.values()):
+                raise BenchmarkError(f"{where}: the row does not have the header's {len(reader.fieldnames)} fields "
+                                     "(an unbalanced quote?)")
+            rows.append((where, row))
+    except csv.Error as e:
+        raise BenchmarkError(f"{path}: line {reader.line_num}: not valid CSV ({e})") from None
+    if not rows:
+        raise BenchmarkError(f"{path}: no data rows (an empty file or a header alone)")
+    return rows
+
+
+def require(row: dict, keys, where: str, types: dict | None = None) -> None:
+    """Every key present and not null; those in `types` of that type (e.g. {"safe": bool})."""
+    missing = [k for k in keys if row.get(k) is None]
     if missing:
-        raise BenchmarkError(f"{where}: missing field(s) {missing}; not the expected layout")
+        raise BenchmarkError(f"{where}: missing or null field(s) {missing}; not the expected layout")
+    for k, kind in (types or {}).items():
+        if not isinstance(row[k], kind) or (kind is not bool and isinstance(row[k], bool)):
+            name = kind.__name__ if isinstance(kind, type) else " or ".join(t.__name__ for t in kind)
+            raise BenchmarkError(f"{where}: field {k!r} must be a {name}, got {row[k]!r}")
 
 
 from . import figstep, mmsafeaware, mossbench, safetag, siuo, vlguard, xstest  # noqa: E402
@@ -115,4 +149,9 @@ def load_benchmark(name: str, path: str | Path | None = None, skip_missing: bool
         path = Path(path)
         if name != "safetag-synth" and not path.exists():  # SafeTag-Synth is generated there if absent
             raise BenchmarkError(f"{name}: {path} does not exist")
-    return loader(path, skip_missing=skip_missing, report=report, **kw)
+    skipped = [] if report is None else report
+    items = loader(path, skip_missing=skip_missing, report=skipped, **kw)
+    if not items:
+        why = f" (all {len(skipped)} skipped: {skipped[0][1]})" if skipped else ""
+        raise BenchmarkError(f"{name}: no items loaded from {path}{why}")
+    return items

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import BenchmarkError, expected_from, item, open_image
+from . import BenchmarkError, expected_from, item, open_image, read_text
 
 EXTS = (".jpg", ".jpeg", ".png")
 
@@ -29,7 +29,7 @@ def load(root: Path, skip_missing: bool = False, report: list | None = None) -> 
     path = root / "data" / "prompt.txt"
     if not path.is_file():
         raise BenchmarkError(f"mmsafeaware: {path} not found (expected MMSafeAware's data/prompt.txt)")
-    blocks = [b for b in path.read_text(encoding="utf-8").replace("\r\n", "\n").split("\n\n") if b.strip()]
+    blocks = [b for b in read_text(path).replace("\r\n", "\n").split("\n\n") if b.strip()]
     parsed = []  # check the whole layout before touching images
     for k, block in enumerate(blocks, start=1):
         lines = [ln.strip() for ln in block.strip().split("\n")]

@@ -33,8 +33,8 @@ def load(root: Path, skip_missing: bool = False, report: list | None = None) -> 
             where = f"{info}: pid {pid}"
             if not isinstance(row, dict):
                 raise BenchmarkError(f"{where}: item is not an object")
-            require(row, ("image", "question", "metadata"), where)
-            over = row["metadata"].get("over", "") if isinstance(row["metadata"], dict) else ""
+            require(row, ("image", "question", "metadata"), where, {"image": str, "question": str, "metadata": dict})
+            over = row["metadata"].get("over", "")
             if over not in ("type 1", "type 2", "type 3"):
                 raise BenchmarkError(f"{where}: metadata.over must be 'type 1', 'type 2' or 'type 3', got {over!r}")
             im = open_image(root / folder / row["image"], where, skip_missing, report)

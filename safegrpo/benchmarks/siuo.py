@@ -22,7 +22,8 @@ def load(path: Path, skip_missing: bool = False, report: list | None = None, ima
         where = f"{meta}: item {k}"
         if not isinstance(row, dict):
             raise BenchmarkError(f"{where}: not an object")
-        require(row, ("question_id", "image", "question", "category"), where)
+        require(row, ("question_id", "image", "question", "category"), where,
+                {"image": str, "question": str, "category": str})
         im = open_image(images / row["image"], f"{where} (question_id {row['question_id']})", skip_missing, report)
         if im is None:
             continue

@@ -24,11 +24,13 @@ def load(path: Path, skip_missing: bool = False, report: list | None = None, ima
         where = f"{meta}: item {k} (id {row.get('id') if isinstance(row, dict) else '?'})"
         if not isinstance(row, dict):
             raise BenchmarkError(f"{where}: not an object")
-        require(row, ("id", "image", "safe", "instr-resp"), where)
+        require(row, ("id", "image", "safe", "instr-resp"), where, {"image": str, "safe": bool, "instr-resp": list})
         im = open_image(images / row["image"], where, skip_missing, report)
         if im is None:
             continue
         for pair in row["instr-resp"]:
+            if not isinstance(pair, dict):
+                raise BenchmarkError(f"{where}: instr-resp entries must be objects, got {pair!r}")
             if row["safe"] and "safe_instruction" in pair:
                 out.append(item("vlguard", f"{row['id']}-safe", pair["safe_instruction"], [im],
                                 ("safe", "safe", "safe"), "safe_safes", "answer"))
