@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from .files import atomic_path
 
 
 def read_metrics(path) -> list[dict]:
@@ -18,12 +19,10 @@ def _pyplot():
 
 
 def _save(fig, plt, out_png) -> Path:
-    out_png = Path(out_png)
-    tmp = out_png.with_name(".tmp-" + out_png.name)
-    fig.savefig(tmp, dpi=100, format="png")
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    return Path(out_png)
 
 
 def plot_refusal(columns: dict[str, dict], out_png) -> Path:
