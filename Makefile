@@ -38,7 +38,7 @@ $(REAL_STAMP): $(STAMP)
 setup-real: $(REAL_STAMP)
 
 train-real: $(REAL_STAMP)
-	$(PY) -m safegrpo.textsafety --out data/text_safety
+	$(PY) -m safegrpo.data.textsafety --out data/text_safety
 	$(PY) train.py --config configs/smollm2_text_safegrpo.yaml
 
 test-real: $(REAL_STAMP)

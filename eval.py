@@ -19,13 +19,13 @@ import json
 import sys
 from pathlib import Path
 
-from safegrpo.benchmarks import BENCHMARKS, SHARED, BenchmarkError, load_benchmark
+from safegrpo.eval.benchmarks import BENCHMARKS, SHARED, BenchmarkError, load_benchmark
 from safegrpo.checkpoint import latest_checkpoint
 from safegrpo.config import load_config
-from safegrpo.evaluation import benchmark_table, category_table, evaluate
+from safegrpo.eval.metrics import benchmark_table, category_table, evaluate
 from safegrpo.files import write_atomic
 from safegrpo.model import load_model, load_processor
-from safegrpo.synth import synth_ready
+from safegrpo.data.synth import synth_ready
 
 DEFAULT_BENCHMARKS = ["safetag-synth", "figstep", "mossbench", "xstest", "mmsafeaware"]
 
@@ -153,7 +153,7 @@ def main(argv=None):
             md.append(f"\n{len(skipped[name])} item(s) skipped for a missing image.\n")
     write_atomic(out / "eval.md", "\n".join(md))
     try:
-        from safegrpo.plots import plot_confusion, plot_refusal
+        from safegrpo.eval.plots import plot_confusion, plot_refusal
         plot_refusal(columns, out / "refusal.png")
         plot_confusion(runs[label][1], out / "confusion.png")
     except ImportError as e:  # matplotlib is a dependency; keep the report if a user removed it

@@ -16,9 +16,9 @@ import time
 from safegrpo import distributed as dist
 from safegrpo.checkpoint import CheckpointError, RunDirError
 from safegrpo.config import load_config
-from safegrpo.evaluation import comparison_table, evaluate
+from safegrpo.eval.metrics import comparison_table, evaluate
 from safegrpo.files import atomic_path, write_atomic
-from safegrpo.plots import plot_rewards
+from safegrpo.eval.plots import plot_rewards
 from safegrpo.trainer import NonFiniteError, Trainer
 
 

@@ -15,7 +15,6 @@ builds it without a video processor (images only), so torchvision is not needed 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -30,10 +29,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from results import record  # noqa: E402
-from safegrpo.model import build_tiny_model_dir, load_model  # noqa: E402
-from safegrpo.prompting import instruction_text  # noqa: E402
-from safegrpo.reward import compute_score  # noqa: E402
-from safegrpo.synth import SynthConfig, write_synth  # noqa: E402
+from safegrpo.model import load_model  # noqa: E402
+from safegrpo.data.tiny_model import build_tiny_model_dir
+from safegrpo.safety.prompting import instruction_text  # noqa: E402
+from safegrpo.safety.reward import compute_score  # noqa: E402
+from safegrpo.data.synth import SynthConfig, write_synth  # noqa: E402
 
 
 def ours(model_dir, synth_dir, out, args) -> tuple[list[float], float]:
@@ -68,7 +68,7 @@ def trl_side(model_dir, synth_dir, out, args) -> tuple[list[float], float]:
     from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLProcessor, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from safegrpo.data import load_parquet
+    from safegrpo.data.records import load_parquet
 
     class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         """Qwen2VLProcessor without its torchvision-backed video processor."""
@@ -105,7 +105,7 @@ def trl_side(model_dir, synth_dir, out, args) -> tuple[list[float], float]:
                 lengths.append(logs["completions/mean_length"])
 
     n = args.prompts * 8
-    from safegrpo.rollout import banned_token_ids
+    from safegrpo.rl.rollout import banned_token_ids
     banned = banned_token_ids(load_model(model_dir))
     cfg = GRPOConfig(output_dir=str(out), per_device_train_batch_size=n, gradient_accumulation_steps=1,
                      num_generations=8, max_completion_length=args.tokens, beta=0.01, learning_rate=1e-5,

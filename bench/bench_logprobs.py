@@ -34,7 +34,7 @@ def _status(key: str) -> int:
 
 def child(kind: str, tokens: int, hidden: int, vocab: int) -> None:
     import torch
-    from safegrpo.logprobs import token_logprobs
+    from safegrpo.rl.logprobs import token_logprobs
     torch.manual_seed(0)
     h = (torch.randn(tokens, hidden) * 0.5).requires_grad_()
     w = (torch.randn(vocab, hidden) * 0.02).requires_grad_()

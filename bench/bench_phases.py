@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from results import record  # noqa: E402
 from safegrpo.config import load_config  # noqa: E402
-from safegrpo.model import build_tiny_model_dir  # noqa: E402
-from safegrpo.synth import SynthConfig, write_synth  # noqa: E402
+from safegrpo.data.tiny_model import build_tiny_model_dir  # noqa: E402
+from safegrpo.data.synth import SynthConfig, write_synth  # noqa: E402
 from safegrpo.trainer import Trainer  # noqa: E402
 
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from results import record  # noqa: E402
 from reward_reference import reference_breakdown  # noqa: E402  (the regex version, tests/)
-from safegrpo.reward import compute_score  # noqa: E402
+from safegrpo.safety.reward import compute_score  # noqa: E402
 
 GOLD = {"image_tag": "safe", "text_tag": "safe", "combine_tag": "unsafe"}
 

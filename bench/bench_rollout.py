@@ -25,11 +25,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from results import record  # noqa: E402
-from safegrpo.data import load_parquet  # noqa: E402
-from safegrpo.model import build_tiny_model_dir, load_model, load_processor  # noqa: E402
-from safegrpo.prompting import encode_prompts  # noqa: E402
-from safegrpo.rollout import generate  # noqa: E402
-from safegrpo.synth import SynthConfig, write_synth  # noqa: E402
+from safegrpo.data.records import load_parquet  # noqa: E402
+from safegrpo.model import load_model, load_processor  # noqa: E402
+from safegrpo.data.tiny_model import build_tiny_model_dir
+from safegrpo.safety.prompting import encode_prompts  # noqa: E402
+from safegrpo.rl.rollout import generate  # noqa: E402
+from safegrpo.data.synth import SynthConfig, write_synth  # noqa: E402
 
 
 def hf_tokens(out: torch.Tensor, prompt_len: int, eos: int, pad: int) -> int:

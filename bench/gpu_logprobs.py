@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from safegrpo.logprobs import token_logprobs  # noqa: E402
+from safegrpo.rl.logprobs import token_logprobs  # noqa: E402
 
 
 def measure(fn, h, w) -> tuple[float, float]:

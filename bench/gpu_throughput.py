@@ -24,9 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from safegrpo.grpo import group_advantages, kl_penalty, policy_loss  # noqa: E402
+from safegrpo.rl.grpo import group_advantages, kl_penalty, policy_loss  # noqa: E402
 from safegrpo.model import default_attention  # noqa: E402
-from safegrpo.rollout import generate  # noqa: E402
+from safegrpo.rl.rollout import generate  # noqa: E402
 from safegrpo.trainer import completion_logprobs  # noqa: E402
 
 SIZES = {  # Qwen2.5-VL-3B-Instruct's published sizes, and a tiny stand-in for a CPU smoke run

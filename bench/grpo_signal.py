@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from safegrpo.data import load_parquet  # noqa: E402
-from safegrpo.grpo import group_advantages  # noqa: E402
+from safegrpo.data.records import load_parquet  # noqa: E402
+from safegrpo.rl.grpo import group_advantages  # noqa: E402
 from safegrpo.model import load_model, load_processor  # noqa: E402
-from safegrpo.prompting import encode_prompts  # noqa: E402
-from safegrpo.reward import reward_breakdown  # noqa: E402
-from safegrpo.rollout import completion_mask, generate  # noqa: E402
-from safegrpo.synth import demonstration  # noqa: E402
+from safegrpo.safety.prompting import encode_prompts  # noqa: E402
+from safegrpo.safety.reward import reward_breakdown  # noqa: E402
+from safegrpo.rl.rollout import completion_mask, generate  # noqa: E402
+from safegrpo.data.synth import demonstration  # noqa: E402
 from safegrpo.trainer import completion_logprobs, decode_completions, refusal_rule  # noqa: E402
 
 

@@ -219,7 +219,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ValueError("train.micro_batch_tokens must be 0 (off) or a token budget")
     if t.eval_every and t.eval_every > t.steps:
         raise ValueError(f"train.eval_every ({t.eval_every}) is larger than train.steps ({t.steps})")
-    from .prompting import instruction_text       # a named style or a readable, non-empty file
+    from .safety.prompting import instruction_text       # a named style or a readable, non-empty file
     try:
         instruction_text(d.prompt_style)
     except (ValueError, OSError) as e:

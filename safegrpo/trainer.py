@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import time
@@ -27,24 +26,24 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import synth
+from .data import synth, textsafety
 from .checkpoint import claim_run_dir, load_trainer_state, prune_checkpoints, resumable_checkpoint, save_checkpoint
 from .config import Config, save_config
-from .data import SafeTagRecord, load_safetag
+from .data.records import SafeTagRecord, load_safetag
 from .files import atomic_path, write_atomic
-from .evaluation import decode_completions
-from .forward import completion_hidden, lm_head_weight
-from .grpo import aggregate, clip_fraction, group_advantages, kl_penalty, masked_mean, policy_loss
-from .logprobs import token_logprobs
-from .decode import decode_path
-from .evaluation import generate_completions, score
-from .model import build_tiny_model_dir, disable_dropout, load_model, load_processor, max_pixels, resolve_model_path
-from .prompting import encode_prompts, prompt_lengths
+from .eval.metrics import decode_completions
+from .rl.forward import completion_hidden, lm_head_weight
+from .rl.grpo import aggregate, clip_fraction, group_advantages, kl_penalty, masked_mean, policy_loss
+from .rl.logprobs import token_logprobs
+from .rl.decode import decode_path
+from .eval.metrics import generate_completions, score
+from .data.tiny_model import build_tiny_model_dir
+from .model import disable_dropout, load_model, load_processor, max_pixels, resolve_model_path
+from .safety.prompting import encode_prompts, prompt_lengths
 from . import distributed as dist
-from . import textsafety
-from .judge import refusal_rule
-from .reward import GOLD_KEYS, reward_breakdown
-from .rollout import concat_rollouts, completion_mask, generate
+from .safety.judge import refusal_rule
+from .safety.reward import GOLD_KEYS, reward_breakdown
+from .rl.rollout import concat_rollouts, completion_mask, generate
 
 
 _TAG_VALUE = re.compile(r"<(visual_safe|text_safe|combined_safe)>(.*?)</\1>", re.IGNORECASE | re.DOTALL)

@@ -15,11 +15,11 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
-    from safegrpo.synth import SynthConfig, write_synth
+    from safegrpo.data.synth import SynthConfig, write_synth
     return write_synth(tmp_path_factory.mktemp("synth"), SynthConfig())
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from safegrpo.model import build_tiny_model_dir
+    from safegrpo.data.tiny_model import build_tiny_model_dir
     return build_tiny_model_dir(tmp_path_factory.mktemp("model") / "tiny", TINY, seed=0)

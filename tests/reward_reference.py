@@ -3,7 +3,7 @@ in docs/METHOD.md (eqs. 1-3). Tests and `bench/bench_reward.py` compare `safegrp
 (linear time) against it; nothing trains with it (it can take seconds on adversarial input)."""
 import re
 
-from safegrpo.reward import TAGS, gold_tags, keyword_refusal
+from safegrpo.safety.reward import TAGS, gold_tags, keyword_refusal
 
 FORMAT = re.compile(
     r"^.*<visual_safe>(safe|unsafe)</visual_safe>.*<text_safe>(safe|unsafe)</text_safe>"

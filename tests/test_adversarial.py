@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from safegrpo.benchmarks import BenchmarkError, load_benchmark
+from safegrpo.eval.benchmarks import BenchmarkError, load_benchmark
 from safegrpo.checkpoint import RunDirError, claim_run_dir, load_trainer_state, resumable_checkpoint, CheckpointError
 from safegrpo.config import load_config
-from safegrpo.data import SafeTagError, load_jsonl, load_parquet, write_parquet
+from safegrpo.data.records import SafeTagError, load_jsonl, load_parquet, write_parquet
 from safegrpo.files import atomic_path, write_atomic
 from safegrpo.model import resolve_model_path
 from safegrpo.trainer import Trainer
@@ -184,7 +184,7 @@ def test_a_metrics_line_cut_short_is_dropped_on_resume(tmp_path, tiny_model_dir,
 
 # ---------------------------------------------------------------------------------------- data
 def test_overlong_prompts_are_found_at_load_in_train_and_test(tmp_path, tiny_model_dir, synth_dir, capsys):
-    from safegrpo.data import SafeTagRecord
+    from safegrpo.data.records import SafeTagRecord
     recs = load_parquet(synth_dir / "test.parquet", limit=4)
     recs[2] = SafeTagRecord(recs[2].prompt + " and" * 100, recs[2].images, "safe", "safe", "safe")
     write_parquet(recs, tmp_path / "test.parquet")
@@ -257,8 +257,8 @@ def test_huge_images_are_kept_small_and_paths_stay_in_the_data_folder(tmp_path):
 
 # ------------------------------------------------------------------------- nothing truncated
 def test_a_judge_returning_the_wrong_number_of_verdicts_raises():
-    from safegrpo.benchmarks import item
-    from safegrpo.evaluation import score
+    from safegrpo.eval.benchmarks import item
+    from safegrpo.eval.metrics import score
 
     class Short:
         name = "short"

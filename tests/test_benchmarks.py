@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from safegrpo.benchmarks import SHARED, BenchmarkError, load_benchmark
+from safegrpo.eval.benchmarks import SHARED, BenchmarkError, load_benchmark
 
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/benchmarks not beside the project")
 

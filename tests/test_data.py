@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from safegrpo.data import SafeTagError, SafeTagRecord, load_jsonl, load_parquet, load_safetag, write_jsonl, write_parquet
+from safegrpo.data.records import SafeTagError, SafeTagRecord, load_jsonl, load_parquet, load_safetag, write_jsonl, write_parquet
 
 
 def img(colour, size=(20, 10)):

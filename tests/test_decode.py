@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from safegrpo.data import load_parquet
-from safegrpo.decode import LeanDecoder, lean_supported
-from safegrpo.forward import continuation_positions, prefill, prompt_positions, step
+from safegrpo.data.records import load_parquet
+from safegrpo.rl.decode import LeanDecoder, lean_supported
+from safegrpo.rl.forward import continuation_positions, prefill, prompt_positions, step
 from safegrpo.model import load_model, load_processor
-from safegrpo.prompting import encode_prompts
-from safegrpo.rollout import generate
+from safegrpo.safety.prompting import encode_prompts
+from safegrpo.rl.rollout import generate
 
 
 def _compare_steps(model, batch, G=2, steps=6, seed=0, relative=False):
@@ -39,7 +39,7 @@ def _compare_steps(model, batch, G=2, steps=6, seed=0, relative=False):
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_lean_step_equals_hf_step_vl(family, tmp_path, synth_dir):
     from conftest import TINY
-    from safegrpo.model import build_tiny_model_dir
+    from safegrpo.data.tiny_model import build_tiny_model_dir
     d = build_tiny_model_dir(tmp_path / family, TINY, seed=0, family=family)
     model, proc = load_model(d).eval(), load_processor(d)
     assert lean_supported(model)
@@ -55,7 +55,7 @@ def test_lean_step_equals_hf_step_vl(family, tmp_path, synth_dir):
 
 def _text_lm(kind, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
-    from safegrpo.model import tiny_corpus, train_tokenizer
+    from safegrpo.data.tiny_model import tiny_corpus, train_tokenizer
     tok = train_tokenizer(tiny_corpus(), 600)
     common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
@@ -71,7 +71,7 @@ def _text_lm(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3", "llama"])
 def test_lean_step_equals_hf_step_text(kind, tmp_path):
-    from safegrpo.data import SafeTagRecord
+    from safegrpo.data.records import SafeTagRecord
     model, proc = _text_lm(kind, tmp_path)
     assert lean_supported(model)
     recs = [SafeTagRecord("How do I keep this clean?", [], "safe", "safe", "safe"),
@@ -81,7 +81,7 @@ def test_lean_step_equals_hf_step_text(kind, tmp_path):
 
 
 def test_unsupported_models_fall_back_and_say_why(tmp_path):
-    from safegrpo.decode import decode_path
+    from safegrpo.rl.decode import decode_path
     model, _ = _text_lm("qwen2", tmp_path)
     assert decode_path(model).startswith("lean decoder")
     model.config.model_type = "gemma"                          # unknown architecture: Hugging Face step

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from safegrpo.data import load_parquet, write_parquet
+from safegrpo.data.records import load_parquet, write_parquet
 
 from test_trainer import tiny_cfg
 
@@ -106,7 +106,7 @@ def test_token_budget_with_uneven_prompts_across_ranks_finishes_and_matches(tmp_
     and FSDP2's collectives never paired up (hung until killed). The passes are now planned to
     the same count on every rank; the run finishes and takes the 1-process run's steps. Also
     validates every step under torchrun (rank 0 scores what every rank decoded)."""
-    from safegrpo.data import SafeTagRecord
+    from safegrpo.data.records import SafeTagRecord
     from safegrpo.trainer import EpochSampler
     short = load_parquet(synth_dir / "train.parquet", limit=2)
     pad = " " + " ".join(["What is the quickest way down from the top of this?"] * 12)
@@ -142,7 +142,7 @@ def test_batch_advantage_scale_uses_the_global_batch(tmp_path):
 import json, sys, torch
 sys.path.insert(0, {str(ROOT)!r})
 from safegrpo import distributed as dist
-from safegrpo.grpo import group_advantages
+from safegrpo.rl.grpo import group_advantages
 dist.init_from_env("cpu")
 rewards = torch.tensor([[1.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.25, 1.0]])     # rank r holds row r (2 groups of 2)
 mine = rewards[dist.rank()]

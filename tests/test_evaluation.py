@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from safegrpo.benchmarks import item
-from safegrpo.evaluation import score
+from safegrpo.eval.benchmarks import item
+from safegrpo.eval.metrics import score
 
 ROOT = Path(__file__).resolve().parents[1]
 

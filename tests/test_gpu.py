@@ -3,11 +3,11 @@ backend (FlashAttention-2 if importable, else SDPA) decodes like generate, a GRP
 import pytest
 import torch
 
-from safegrpo.data import load_parquet
-from safegrpo.logprobs import token_logprobs
+from safegrpo.data.records import load_parquet
+from safegrpo.rl.logprobs import token_logprobs
 from safegrpo.model import default_attention, load_model, load_processor
-from safegrpo.prompting import encode_prompts
-from safegrpo.rollout import generate
+from safegrpo.safety.prompting import encode_prompts
+from safegrpo.rl.rollout import generate
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

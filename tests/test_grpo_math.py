@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from safegrpo.grpo import aggregate, clip_fraction, group_advantages, kl_penalty, policy_loss
+from safegrpo.rl.grpo import aggregate, clip_fraction, group_advantages, kl_penalty, policy_loss
 
 
 def test_group_advantages_by_hand():

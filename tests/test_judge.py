@@ -1,14 +1,13 @@
 """Refusal judges: the paper's keyword rule is the reward's, bit for bit; our strict rule agrees
 with people on XSTest's labelled completions at least 95% of the time."""
 import csv
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from safegrpo.benchmarks import SHARED
-from safegrpo.judge import RuleJudge, agreement, is_refusal, load_judge, strict_refusal, xstest_labelled
-from safegrpo.reward import REFUSAL_KEYWORDS, keyword_refusal, reward_breakdown
+from safegrpo.eval.benchmarks import SHARED
+from safegrpo.safety.judge import RuleJudge, agreement, is_refusal, load_judge, strict_refusal, xstest_labelled
+from safegrpo.safety.reward import REFUSAL_KEYWORDS, keyword_refusal, reward_breakdown
 
 COMPLETIONS = SHARED / "xstest" / "model_completions"
 needs_xstest = pytest.mark.skipif(not COMPLETIONS.is_dir(), reason="../shared/benchmarks not beside the project")

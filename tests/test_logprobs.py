@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from safegrpo.logprobs import shift_for_next_token, token_logprobs
+from safegrpo.rl.logprobs import shift_for_next_token, token_logprobs
 
 
 def naive(hidden, w, targets, temperature):

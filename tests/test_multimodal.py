@@ -5,12 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from safegrpo.data import SafeTagRecord, load_parquet
-from safegrpo.forward import completion_hidden, lm_head_weight
-from safegrpo.logprobs import token_logprobs
+from safegrpo.data.records import SafeTagRecord, load_parquet
+from safegrpo.rl.forward import completion_hidden, lm_head_weight
+from safegrpo.rl.logprobs import token_logprobs
 from safegrpo.model import load_model, load_processor
-from safegrpo.prompting import encode_prompts
-from safegrpo.rollout import generate
+from safegrpo.safety.prompting import encode_prompts
+from safegrpo.rl.rollout import generate
 from safegrpo.trainer import slice_prompts
 
 

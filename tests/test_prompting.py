@@ -1,9 +1,8 @@
 """The step-guided prompt: wording, structure, placement of the image, styles."""
 import pytest
 
-from safegrpo.data import SafeTagRecord
 from safegrpo.model import load_processor
-from safegrpo.prompting import STEP_GUIDED_INSTRUCTION, build_messages, encode_prompts, instruction_text, prompt_texts
+from safegrpo.safety.prompting import STEP_GUIDED_INSTRUCTION, build_messages, encode_prompts, instruction_text, prompt_texts
 
 
 def test_instruction_has_the_five_steps_tags_and_rule():
@@ -35,7 +34,7 @@ def test_prompt_style_from_file_and_errors(tmp_path):
 
 
 def test_chat_template_has_no_system_prompt_and_expands_images(tiny_model_dir, synth_dir):
-    from safegrpo.data import load_parquet
+    from safegrpo.data.records import load_parquet
     proc = load_processor(tiny_model_dir)
     rec = load_parquet(synth_dir / "test.parquet", limit=1)[0]
     text = prompt_texts(proc, [rec], "safegrpo")[0]

@@ -18,7 +18,7 @@ needs_smollm2 = pytest.mark.skipif(not installed, reason="make setup-real (llm-s
 @needs_smollm2
 def test_smollm2_loads_and_takes_one_step(tmp_path):
     from safegrpo.config import load_config
-    from safegrpo.textsafety import write
+    from safegrpo.data.textsafety import write
     from safegrpo.trainer import Trainer
     data = write(tmp_path / "data")
     cfg = load_config(ROOT / "configs/smollm2_text_safegrpo.yaml", [
@@ -39,7 +39,7 @@ def test_safegrpo_improves_smollm2(tmp_path):
     """The full configs/smollm2_text_safegrpo.yaml run (about 15 minutes on 2 cores): on the
     held-out request templates, SafeGRPO raises the format pass rate and the mean reward over the
     brief warm start."""
-    from safegrpo.textsafety import write
+    from safegrpo.data.textsafety import write
     data = write(tmp_path / "data")
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/smollm2_text_safegrpo.yaml"),
                         "--set", f"data.train={data / 'train.parquet'}", "--set", f"data.test={data / 'test.parquet'}",

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from safegrpo.config import load_config
-from safegrpo.data import load_parquet, write_parquet
-from safegrpo.model import build_tiny_model_dir
+from safegrpo.data.records import load_parquet, write_parquet
+from safegrpo.data.tiny_model import build_tiny_model_dir
 from safegrpo.trainer import Trainer
 
 from conftest import TINY

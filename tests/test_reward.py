@@ -3,7 +3,7 @@ the plain regex implementation of the same rule."""
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from safegrpo.reward import TOTALS, compute_score, compute_score_batch, reward_breakdown
+from safegrpo.safety.reward import TOTALS, compute_score, compute_score_batch, reward_breakdown
 
 from reward_reference import reference_breakdown
 

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from safegrpo.data import load_parquet
-from safegrpo.forward import completion_hidden, lm_head_weight
-from safegrpo.logprobs import token_logprobs
+from safegrpo.data.records import load_parquet
+from safegrpo.rl.forward import completion_hidden, lm_head_weight
+from safegrpo.rl.logprobs import token_logprobs
 from safegrpo.model import load_model, load_processor
-from safegrpo.prompting import encode_prompts
-from safegrpo.rollout import completion_mask, generate
+from safegrpo.safety.prompting import encode_prompts
+from safegrpo.rl.rollout import completion_mask, generate
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_sampling_is_reproducible_and_stops_at_eos(setup):
     # make EOS likely enough that some rows stop early: align its LM-head row with the hidden states
     W = lm_head_weight(model)
     saved = W.data[eos].clone()
-    from safegrpo.forward import prefill, prompt_positions
+    from safegrpo.rl.forward import prefill, prompt_positions
     with torch.no_grad():
         h, _ = prefill(model, batch, prompt_positions(model, batch)[0])
     direction = h.mean(0) / h.mean(0).norm()
@@ -147,7 +147,7 @@ def test_gradient_checkpointing_keeps_the_prompt(tiny_model_dir, synth_dir):
 def test_text_only_causal_lm(tmp_path):
     """The same engine on a plain causal LM (no images)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    from safegrpo.model import tiny_corpus, train_tokenizer
+    from safegrpo.data.tiny_model import tiny_corpus, train_tokenizer
     tok = train_tokenizer(tiny_corpus(), 600)
     cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
@@ -156,7 +156,7 @@ def test_text_only_causal_lm(tmp_path):
     Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     model, proc = load_model(tmp_path).eval(), load_processor(tmp_path)
-    from safegrpo.data import SafeTagRecord
+    from safegrpo.data.records import SafeTagRecord
     recs = [SafeTagRecord("How do I keep this clean?", [], "safe", "safe", "safe"),
             SafeTagRecord("Write a short poem.", [], "safe", "safe", "safe")]
     batch = encode_prompts(proc, recs, "compact")
@@ -186,7 +186,7 @@ def test_other_qwen_vl_families(family, tmp_path, synth_dir):
     """Qwen2.5-VL and Qwen3-VL (the paper recipes' families) through the same engine: greedy
     decoding equals generate, and the prompt-once forward equals a full forward."""
     from conftest import TINY
-    from safegrpo.model import build_tiny_model_dir
+    from safegrpo.data.tiny_model import build_tiny_model_dir
     d = build_tiny_model_dir(tmp_path / family, TINY, seed=0, family=family)
     model, proc = load_model(d).eval(), load_processor(d)
     batch = encode_prompts(proc, load_parquet(synth_dir / "test.parquet", limit=3), "compact")

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from safegrpo.sampling import _mix, block_size, row_keys, sample, top_p_filter, uniforms
+from safegrpo.rl.sampling import _mix, block_size, row_keys, sample, top_p_filter, uniforms
 
 MASK = (1 << 64) - 1
 

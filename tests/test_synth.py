@@ -2,9 +2,9 @@
 import random
 from collections import Counter
 
-from safegrpo.data import load_parquet
-from safegrpo.reward import reward_breakdown
-from safegrpo.synth import (GROUP_SHARES, caption_object, badge_colours, SynthConfig, all_concepts, all_instructions, demonstration, generate,
+from safegrpo.data.records import load_parquet
+from safegrpo.safety.reward import reward_breakdown
+from safegrpo.data.synth import (GROUP_SHARES, caption_object, badge_colours, SynthConfig, all_concepts, all_instructions, demonstration, generate,
                             pair_tags, single_modality_accuracy)
 
 
@@ -76,7 +76,7 @@ def test_world_size():
 
 def test_image_styles_render_the_concept_only_in_pixels():
     import random as _r
-    from safegrpo.synth import render_badge, render_word, available_fonts
+    from safegrpo.data.synth import render_badge, render_word, available_fonts
     pairs = badge_colours()
     assert len(set(pairs.values())) == 40                                      # one colour pair per concept
     a = render_badge("bridge", _r.Random(0))

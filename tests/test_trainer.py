@@ -1,6 +1,5 @@
 """The trainer end to end on tiny data: learning happens, kill-and-resume is exact, bad states stop."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -146,7 +145,7 @@ def test_reward_rises_on_a_tiny_set(tmp_path, tiny_model_dir, synth_dir):
     """Warm-start on 8 demonstrations (format, random tags), then GRPO: the mean reward rises.
     The 8 records share one SafeTag group (visual safe, text unsafe, combined unsafe), so the
     right tags differ by position and the warm start writes them at random."""
-    from safegrpo.data import load_parquet, write_parquet
+    from safegrpo.data.records import load_parquet, write_parquet
     recs = [r for r in load_parquet(synth_dir / "train.parquet", limit=200)
             if r.meta["group"] == "safe/unsafe/unsafe"][:8]
     write_parquet(recs, tmp_path / "small.parquet")
@@ -194,8 +193,8 @@ def test_ptx_leaves_out_exactly_the_tag_values(tmp_path, tiny_model_dir, synth_d
     """The format anchor trains every demonstration token but the three tag values."""
     import random
     import re
-    from safegrpo import synth
-    from safegrpo.data import load_parquet
+    from safegrpo.data import synth
+    from safegrpo.data.records import load_parquet
     tr = Trainer(load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir)))
     texts = [synth.demonstration(r, random.Random(i)) for i, r in
              enumerate(load_parquet(synth_dir / "train.parquet", limit=6))]
@@ -320,9 +319,10 @@ def test_dropout_is_off_in_every_log_prob_of_the_update(tmp_path, tiny_model_dir
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_disable_dropout_in_other_families(family, tmp_path, synth_dir):
     from conftest import TINY
-    from safegrpo.model import build_tiny_model_dir, disable_dropout, load_model, load_processor
-    from safegrpo.prompting import encode_prompts
-    from safegrpo.data import load_parquet
+    from safegrpo.model import disable_dropout, load_model, load_processor
+    from safegrpo.data.tiny_model import build_tiny_model_dir
+    from safegrpo.safety.prompting import encode_prompts
+    from safegrpo.data.records import load_parquet
     from safegrpo.trainer import completion_logprobs
     d = _with_dropout(build_tiny_model_dir(tmp_path / "m", TINY, seed=0, family=family), tmp_path / family)
     model, proc = load_model(d).train(), load_processor(d)
@@ -344,7 +344,7 @@ def test_one_temperature_for_rollout_old_reference_policy_and_entropy(tmp_path, 
     that of softmax(logits / 0.7) over the sampled tokens, from full logits."""
     import copy
     import safegrpo.trainer as trainer_mod
-    from safegrpo.forward import completion_hidden
+    from safegrpo.rl.forward import completion_hidden
     seen, captured = [], {}
     real_logprobs, real_generate, real_loss = trainer_mod.token_logprobs, trainer_mod.generate, trainer_mod.policy_loss
 
@@ -390,9 +390,9 @@ def test_one_temperature_for_rollout_old_reference_policy_and_entropy(tmp_path, 
 def test_validation_every_n_steps_is_logged_and_drawn(tmp_path, tiny_model_dir, synth_dir):
     """train.eval_every 2 of 4 steps: val/... on steps 2 and 4 only, equal to a separate greedy
     evaluation of the step-2 checkpoint, and drawn on the reward plot."""
-    from safegrpo.evaluation import evaluate
+    from safegrpo.eval.metrics import evaluate
     from safegrpo.model import load_model, load_processor
-    from safegrpo.plots import plot_rewards
+    from safegrpo.eval.plots import plot_rewards
     cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{
         "train.steps": 4, "train.eval_every": 2, "train.eval_limit": 6, "train.prompts_per_step": 2,
         "train.mini_batch_prompts": 2, "train.micro_batch_prompts": 2, "train.save_every": 2,

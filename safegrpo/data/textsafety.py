@@ -16,7 +16,7 @@ import argparse
 import random
 from pathlib import Path
 
-from .data import SafeTagRecord, write_parquet
+from .records import SafeTagRecord, write_parquet
 
 # category -> {template: fillers}. Every category has three templates; the last one of each is
 # held out for the test split, so the test asks about every kind of harm (and every safe look-alike)

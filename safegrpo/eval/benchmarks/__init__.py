@@ -29,10 +29,10 @@ from typing import Callable
 
 from PIL import Image
 
-from ..data import SafeTagRecord
+from ...data.records import SafeTagRecord
 
 # ../shared/benchmarks beside the project (the samples CI has); users pass their own paths
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks"
+SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "benchmarks"
 
 
 class BenchmarkError(ValueError):

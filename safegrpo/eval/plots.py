@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .files import atomic_path
+from ..files import atomic_path
 
 
 def read_metrics(path) -> list[dict]:

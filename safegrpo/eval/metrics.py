@@ -18,15 +18,13 @@ completion when there is none) by a `judge.Judge` ("keywords", "strict" or a plu
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from tqdm import tqdm
 
-from .prompting import encode_prompts
-from .judge import load_judge
-from .reward import GOLD_KEYS, parse_completion, reward_breakdown
-from .rollout import generate
+from ..rl.rollout import generate
+from ..safety.judge import load_judge
+from ..safety.prompting import encode_prompts
+from ..safety.reward import GOLD_KEYS, parse_completion, reward_breakdown
 
 
 def answer_text(completion: str) -> str:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .files import atomic_path
+from ..files import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .config import SynthConfig
-from .data import SafeTagRecord, write_parquet
-from .files import write_atomic
+from ..config import SynthConfig
+from ..files import write_atomic
+from .records import SafeTagRecord, write_parquet
 
 # ------------------------------------------------------------------------------------- world
 UNSAFE_CONCEPTS = ["pistol", "rifle", "grenade", "bomb", "dynamite", "landmine", "cocaine", "heroin",

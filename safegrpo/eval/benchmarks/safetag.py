@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..data import load_safetag
+from ...data.records import load_safetag
 
 
 def _as_items(records: list, name: str) -> list:
@@ -22,6 +22,6 @@ def load(path: Path, skip_missing: bool = False, report: list | None = None, spl
 
 def load_synth(path: Path | None = None, skip_missing: bool = False, report: list | None = None, synth=None) -> list:
     """The SafeTag-Synth test split; generated (deterministically, ~1 s) into `path` if absent."""
-    from ..synth import SynthConfig, write_synth
+    from ...data.synth import SynthConfig, write_synth
     root = write_synth(path or "data/synth", synth or SynthConfig())
     return _as_items(load_safetag(root / "test.parquet"), "safetag-synth")

@@ -160,7 +160,7 @@ def agreement(judge: str | Judge, rows: list[tuple[str, str, bool]]) -> dict[str
 if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description="Agreement of refusal judges with XSTest's human labels")
-    ap.add_argument("--completions", default=str(Path(__file__).resolve().parents[1].parent
+    ap.add_argument("--completions", default=str(Path(__file__).resolve().parents[2].parent
                                                  / "shared/benchmarks/xstest/model_completions"))
     ap.add_argument("--judge", action="append", help="rule name or module:factory (repeatable)")
     args = ap.parse_args()

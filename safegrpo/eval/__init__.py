@@ -1,0 +1,1 @@
+"""Evaluation: metrics and tables, plots, and one adapter per safety benchmark."""
