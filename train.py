@@ -9,36 +9,16 @@ and a PNG of the reward curves. Everything lands in train.out_dir. Under torchru
 runs the warm start and the evaluations and writes files; all ranks train.
 """
 import argparse
-import json
 import sys
 import time
 
 from safegrpo import distributed as dist
 from safegrpo.checkpoint import CheckpointError, RunDirError
 from safegrpo.config import load_config
-from safegrpo.eval.metrics import comparison_table, evaluate
-from safegrpo.files import atomic_path, write_atomic
+from safegrpo.eval.metrics import comparison_table
+from safegrpo.files import write_atomic
 from safegrpo.eval.plots import plot_rewards
 from safegrpo.trainer import NonFiniteError, Trainer
-
-
-def _eval(trainer, model, name):
-    cfg = trainer.cfg
-    recs = trainer.test_records[:cfg.train.eval_limit or None]
-    if not recs:
-        return None
-    path = trainer.out / f"eval_{name}.json"
-    if name == "before" and path.is_file():      # the warm start does not change on --resume; the policy does
-        return json.loads(path.read_text())
-    t0 = time.time()
-    metrics, completions = evaluate(model, trainer.processor, recs, cfg.data.prompt_style, cfg.rollout.max_new_tokens,
-                                    judge=cfg.grpo.refusal_judge, desc=f"eval {name}")
-    metrics["seconds"] = round(time.time() - t0, 1)
-    write_atomic(trainer.out / f"eval_{name}_samples.jsonl", "".join(
-        json.dumps({"prompt": r.prompt, "tags": r.tags, "meta": {k: v for k, v in r.meta.items() if k != "demo"},
-                    "completion": c}) + "\n" for r, c in list(zip(recs, completions))[:50]))
-    write_atomic(path, json.dumps(metrics, indent=1))        # last: its presence means both are complete
-    return metrics
 
 
 def main(argv=None):
@@ -73,21 +53,9 @@ def run(cfg, args) -> int:
     say = print if main_rank else (lambda *a, **k: None)
     say(f"[world] {dist.world_size()} process(es), device {cfg.train.device}")
     say(f"[data] train {len(trainer.train_records)} records, test {len(trainer.test_records)}; "
-          f"model {trainer.model_dir}; run {trainer.out}")
-    init = trainer.model_dir
-    if cfg.sft.enabled and cfg.sft.steps > 0:
-        sft_dir = trainer.out / "sft"
-        if main_rank and not (args.resume and (sft_dir / "config.json").is_file()):   # rank 0; the others wait
-            model = trainer._load(trainer.model_dir)
-            t0 = time.time()
-            trainer.sft(model)
-            print(f"[sft] {cfg.sft.steps} steps in {time.time() - t0:.0f} s")
-            with atomic_path(sft_dir) as tmp:
-                model.save_pretrained(tmp)
-                trainer.processor.save_pretrained(tmp)
-        dist.barrier()
-        init = sft_dir
-    before = _eval(trainer, trainer._load(init), "before") if main_rank else None
+        f"model {trainer.model_dir}; run {trainer.out}")
+    init = trainer.warm_start()                            # the model GRPO starts from (and the reference)
+    before = trainer.evaluate("before", init) if main_rank else None
     dist.barrier()
     try:
         final = trainer.fit(init_path=init)
@@ -97,7 +65,7 @@ def run(cfg, args) -> int:
     if not main_rank:
         return 0
     plot = plot_rewards(trainer.out / "metrics.jsonl", trainer.out / "reward_curves.png")
-    after = _eval(trainer, trainer.policy if not dist.active() else trainer._load(final), "after")
+    after = trainer.evaluate("after", trainer.policy if not dist.active() else final)
     print(f"\nfinal checkpoint: {final}\nreward curves: {plot}\nwall time: {time.time() - t_start:.0f} s")
     if before and after:
         table = comparison_table({"warm start (before)": before, "SafeGRPO (after)": after})

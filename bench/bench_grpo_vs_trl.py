@@ -53,7 +53,7 @@ def ours(model_dir, synth_dir, out, args) -> tuple[list[float], float]:
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
     tr = Trainer(load_config(path))
-    tr.setup_grpo(model_dir)
+    tr.setup(model_dir)
     times, lengths = [], []
     for step in range(args.warmup + args.steps):
         t0 = time.perf_counter()

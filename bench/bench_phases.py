@@ -64,7 +64,7 @@ def main():
                          "save_every": 0, "eval_limit": 0}}
         (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
         tr = Trainer(load_config(tmp / "cfg.yaml"))
-        tr.setup_grpo(model_dir)
+        tr.setup(model_dir)
         rows = [tr.train_step(s) for s in range(args.warmup + args.steps)][args.warmup:]
         params = sum(p.numel() for n, p in tr.policy.named_parameters() if "visual" not in n)
         visual = sum(p.numel() for n, p in tr.policy.named_parameters() if "visual" in n)

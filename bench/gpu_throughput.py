@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from safegrpo.rl.grpo import group_advantages, kl_penalty, policy_loss  # noqa: E402
 from safegrpo.model import default_attention  # noqa: E402
 from safegrpo.rl.rollout import generate  # noqa: E402
-from safegrpo.trainer import completion_logprobs  # noqa: E402
+from safegrpo.rl.forward import completion_logprobs  # noqa: E402
 
 SIZES = {  # Qwen2.5-VL-3B-Instruct's published sizes, and a tiny stand-in for a CPU smoke run
     "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,

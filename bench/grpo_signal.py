@@ -31,7 +31,9 @@ from safegrpo.safety.prompting import encode_prompts  # noqa: E402
 from safegrpo.safety.reward import reward_breakdown  # noqa: E402
 from safegrpo.rl.rollout import completion_mask, generate  # noqa: E402
 from safegrpo.data.synth import demonstration  # noqa: E402
-from safegrpo.trainer import completion_logprobs, decode_completions, refusal_rule  # noqa: E402
+from safegrpo.rl.forward import completion_logprobs  # noqa: E402
+from safegrpo.rl.rollout import decode_completions  # noqa: E402
+from safegrpo.safety.judge import refusal_rule  # noqa: E402
 
 
 def main():

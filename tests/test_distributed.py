@@ -107,7 +107,7 @@ def test_token_budget_with_uneven_prompts_across_ranks_finishes_and_matches(tmp_
     the same count on every rank; the run finishes and takes the 1-process run's steps. Also
     validates every step under torchrun (rank 0 scores what every rank decoded)."""
     from safegrpo.data.records import SafeTagRecord
-    from safegrpo.trainer import EpochSampler
+    from safegrpo.data.samplers import EpochSampler
     short = load_parquet(synth_dir / "train.parquet", limit=2)
     pad = " " + " ".join(["What is the quickest way down from the top of this?"] * 12)
     long = [SafeTagRecord(r.prompt + pad, r.images, r.image_tag, r.text_tag, r.combine_tag) for r in short]

@@ -48,7 +48,7 @@ def test_bf16_autocast_grpo_step_is_finite(tmp_path, tiny_model_dir, synth_dir):
     cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"train.device": "cuda",
                                                                        "model.autocast": "bf16"}))
     tr = Trainer(cfg)
-    tr.setup_grpo(tiny_model_dir)
+    tr.setup(tiny_model_dir)
     m = tr.train_step(0)
     assert all(torch.isfinite(torch.tensor(m[k])) for k in ("loss", "kl", "grad_norm", "entropy"))
 

@@ -128,7 +128,7 @@ def test_token_mean_is_invariant_to_micro_batch_split():
         for n in split:
             sl = slice(s, s + n)
             aggregate(policy_loss(per_token(feats[sl]), old[sl], adv[sl], mask[sl]), mask[sl],
-                      norm_constant=n_tok).backward()
+                      total=n_tok).backward()
             s += n
         assert torch.allclose(w.grad, g_full, atol=1e-6), split
     # the naive per-micro-batch mean is not invariant (why norm_constant exists)

@@ -11,7 +11,7 @@ from safegrpo.rl.logprobs import token_logprobs
 from safegrpo.model import load_model, load_processor
 from safegrpo.safety.prompting import encode_prompts
 from safegrpo.rl.rollout import generate
-from safegrpo.trainer import slice_prompts
+from safegrpo.rl.batching import slice_prompts
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,7 @@ def test_recipe_runs_one_step_on_a_tiny_model_of_its_family(recipe, tmp_path, fa
     assert cfg.model.autocast == "bf16" and cfg.model.gradient_checkpointing
     tr = Trainer(cfg)
     assert len(tr.train_records) == 16 and len(tr.test_records) == 4
-    tr.setup_grpo(cfg.model.path)
+    tr.setup(cfg.model.path)
     before = [p.detach().clone() for p in tr.policy.parameters() if p.requires_grad]
     m = tr.train_step(0)
     after = [p for p in tr.policy.parameters() if p.requires_grad]

@@ -13,6 +13,7 @@ import yaml
 from safegrpo.checkpoint import latest_checkpoint
 from safegrpo.config import load_config
 from safegrpo.trainer import NonFiniteError, Trainer
+from safegrpo.warmstart import FormatAnchor, tokenize_completions, warm_start as warm_start_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +48,8 @@ def warm_start(cfg, model_dir, out, steps):
     """The format warm start (sft) of the tiny test model, saved to `out`; returns the Trainer."""
     cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr, cfg.sft.warmup_steps = steps, 8, 3e-3, 5
     tr = Trainer(cfg)
-    model = tr._load(model_dir)
-    tr.sft(model)
+    model = tr.load_model(model_dir)
+    warm_start_stages(model, tr.processor, tr.train_records, cfg, tr.device, tr.out)
     model.save_pretrained(out)
     tr.processor.save_pretrained(out)
     return tr
@@ -115,7 +116,7 @@ def test_overlong_prompt_names_the_row_or_is_filtered(tmp_path, tiny_model_dir, 
 def test_non_finite_loss_stops_without_checkpoint(tmp_path, tiny_model_dir, synth_dir):
     cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"train.steps": 2}))
     tr = Trainer(cfg)
-    tr.setup_grpo(tiny_model_dir)
+    tr.setup(tiny_model_dir)
     with torch.no_grad():                      # a broken reference: the rollout works, the KL term is NaN
         tr.ref.lm_head.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteError, match="non-finite loss at step 0"):
@@ -166,7 +167,7 @@ def test_token_budget_micro_batches_take_the_same_step(tmp_path, tiny_model_dir,
     """Whole groups packed by a token budget give the same update as fixed-size micro-batches
     (token-mean over the mini-batch does not depend on the split)."""
     from safetensors.torch import load_file
-    from safegrpo.trainer import micro_batches, split_to
+    from safegrpo.rl.batching import micro_batches, split_to
     costs = [50, 60, 110, 15]                              # prompt once + its G completions, per prompt
     assert micro_batches(costs, 4, 2) == [[(0, 2), (2, 4)]]
     assert micro_batches(costs, 4, 2, token_budget=120) == [[(0, 2), (2, 3), (3, 4)]]
@@ -198,8 +199,8 @@ def test_ptx_leaves_out_exactly_the_tag_values(tmp_path, tiny_model_dir, synth_d
     tr = Trainer(load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir)))
     texts = [synth.demonstration(r, random.Random(i)) for i, r in
              enumerate(load_parquet(synth_dir / "train.parquet", limit=6))]
-    ids, full = tr._tokenize_completions(texts)
-    _, kept = tr._tokenize_completions(texts, mask_tag_values=True)
+    ids, full = tokenize_completions(tr.tokenizer, texts, tr.device)
+    _, kept = tokenize_completions(tr.tokenizer, texts, tr.device, mask_tag_values=True)
     assert (kept <= full).all()
     for i, t in enumerate(texts):
         dropped = ids[i][(full[i] == 1) & (kept[i] == 0)].tolist()
@@ -223,18 +224,18 @@ def test_ptx_holds_the_words_nothing_rewards(tmp_path, tiny_model_dir, synth_dir
         t = Trainer(load_config(tiny_cfg(tmp_path / str(coef), tiny_model_dir, synth_dir, **base,
                                          **{"grpo.ptx_coef": coef or 0.0})))
         if coef is None:
-            t.setup_grpo(tmp_path / "sft")
+            t.setup(tmp_path / "sft")
         else:
             t.fit(init_path=tmp_path / "sft")
-        t.ptx_records = t._demo_targets()
+        anchor = FormatAnchor(t.train_records, t.processor, t.cfg, t.device)
         with torch.no_grad():
-            ce[coef] = sum(t._ptx_loss(1000 + k, 0).item() for k in range(4)) / 4
+            ce[coef] = sum(anchor.loss(t.policy_fwd, 1000 + k, 0).item() for k in range(4)) / 4
     assert ce[0.0] > 1.3 * ce[None], ce              # the drift is real
     assert ce[1.0] < 1.05 * ce[None], ce             # and the anchor holds the wording
 
 
 def test_balanced_sampler_gives_each_pool_an_equal_share():
-    from safegrpo.trainer import BalancedSampler
+    from safegrpo.data.samplers import BalancedSampler
     pools = [list(range(0, 10)), list(range(10, 13)), list(range(13, 100))]
     s = BalancedSampler(pools, seed=0)
     draws = s.take(7) + s.take(8)                     # turns carry across draws of odd sizes
@@ -255,7 +256,7 @@ def test_balance_groups_halves_by_combined_tag_then_splits_by_group(tmp_path, ti
     from collections import Counter
     cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"data.balance_groups": True}))
     tr = Trainer(cfg)
-    tr.setup_grpo(tiny_model_dir)
+    tr.setup(tiny_model_dir)
     drawn = Counter(tr.train_records[i].meta["group"] for i in tr.sampler.take(80))
     assert drawn == {"safe/safe/safe": 40, "safe/safe/unsafe": 10, "safe/unsafe/unsafe": 10,
                      "unsafe/safe/unsafe": 10, "unsafe/unsafe/unsafe": 10}
@@ -295,15 +296,15 @@ def test_dropout_is_off_in_every_log_prob_of_the_update(tmp_path, tiny_model_dir
     """A model whose config sets dropout: the update runs in training mode (gradient checkpointing
     needs it), old and reference log-probs in eval mode. With dropout left on, the first update's
     KL against an identical reference was > 0 and its ratio != 1; now both are exact."""
-    from safegrpo.trainer import completion_logprobs
+    from safegrpo.rl.forward import completion_logprobs
     model_dir = _with_dropout(tiny_model_dir, tmp_path / "dropout_model")
     cfg = load_config(tiny_cfg(tmp_path, model_dir, synth_dir, **{
         "train.steps": 1, "train.prompts_per_step": 2, "train.mini_batch_prompts": 2, "train.micro_batch_prompts": 2,
         "grpo.beta": 0.1, "grpo.entropy_coef": 0.01, "data.test": ""}))
     tr = Trainer(cfg)
-    tr.setup_grpo(model_dir)
+    tr.setup(model_dir)
     assert tr.policy.config.text_config.attention_dropout == 0.5          # the saved config is untouched
-    batch = tr._encode(tr.train_records[:2], [0, 1])
+    batch = tr.encode(tr.train_records[:2], [0, 1])
     ids = torch.randint(5, 500, (4, 6))
     mask = torch.ones(4, 6)
     tr.policy.train()
@@ -323,7 +324,7 @@ def test_disable_dropout_in_other_families(family, tmp_path, synth_dir):
     from safegrpo.data.tiny_model import build_tiny_model_dir
     from safegrpo.safety.prompting import encode_prompts
     from safegrpo.data.records import load_parquet
-    from safegrpo.trainer import completion_logprobs
+    from safegrpo.rl.forward import completion_logprobs
     d = _with_dropout(build_tiny_model_dir(tmp_path / "m", TINY, seed=0, family=family), tmp_path / family)
     model, proc = load_model(d).train(), load_processor(d)
     batch = encode_prompts(proc, load_parquet(synth_dir / "test.parquet", limit=2), "compact")
@@ -343,10 +344,12 @@ def test_one_temperature_for_rollout_old_reference_policy_and_entropy(tmp_path, 
     0.7: against an identical reference the first update's ratio is 1, and the logged entropy is
     that of softmax(logits / 0.7) over the sampled tokens, from full logits."""
     import copy
+    import safegrpo.rl.forward as forward_mod
+    import safegrpo.rl.grpo as grpo_mod
     import safegrpo.trainer as trainer_mod
     from safegrpo.rl.forward import completion_hidden
     seen, captured = [], {}
-    real_logprobs, real_generate, real_loss = trainer_mod.token_logprobs, trainer_mod.generate, trainer_mod.policy_loss
+    real_logprobs, real_generate, real_loss = forward_mod.token_logprobs, trainer_mod.generate, grpo_mod.policy_loss
 
     def spy_logprobs(h, w, ids, temperature=1.0, **kw):
         seen.append(temperature)
@@ -360,9 +363,9 @@ def test_one_temperature_for_rollout_old_reference_policy_and_entropy(tmp_path, 
         captured.setdefault("first", (logp.detach().clone(), old.clone()))
         return real_loss(logp, old, *a, **kw)
 
-    monkeypatch.setattr(trainer_mod, "token_logprobs", spy_logprobs)
+    monkeypatch.setattr(forward_mod, "token_logprobs", spy_logprobs)
     monkeypatch.setattr(trainer_mod, "generate", spy_generate)
-    monkeypatch.setattr(trainer_mod, "policy_loss", spy_loss)
+    monkeypatch.setattr(grpo_mod, "policy_loss", spy_loss)
     for updates in (2, 1):
         (tmp_path / str(updates)).mkdir()
         cfg = load_config(tiny_cfg(tmp_path / str(updates), tiny_model_dir, synth_dir, **{
@@ -370,7 +373,7 @@ def test_one_temperature_for_rollout_old_reference_policy_and_entropy(tmp_path, 
             "train.micro_batch_prompts": 1, "grpo.beta": 0.1, "rollout.temperature": 0.7,
             "rollout.max_new_tokens": 10, "data.test": ""}))
         tr = Trainer(cfg)
-        tr.setup_grpo(tiny_model_dir)
+        tr.setup(tiny_model_dir)
         seen.clear()
         captured.clear()
         before = copy.deepcopy(tr.policy).eval()
@@ -413,10 +416,10 @@ def test_validation_every_n_steps_is_logged_and_drawn(tmp_path, tiny_model_dir, 
 
 def test_start_of_training_names_the_decode_path_and_warns_on_top_p(tmp_path, tiny_model_dir, synth_dir, capsys):
     cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"rollout.top_p": 0.9}))
-    Trainer(cfg).setup_grpo(tiny_model_dir)
+    Trainer(cfg).setup(tiny_model_dir)
     out = capsys.readouterr().out
     assert "[rollout] decode path: lean decoder (cascade attention" in out
     assert out.count("rollout.top_p=0.9 < 1") == 1 and "off-policy" in out
     cfg.rollout.top_p = 1.0
-    Trainer(cfg).setup_grpo(tiny_model_dir)
+    Trainer(cfg).setup(tiny_model_dir)
     assert "top_p" not in capsys.readouterr().out

@@ -21,25 +21,10 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from ..rl.rollout import generate
+from ..rl.rollout import decode_completions, generate
 from ..safety.judge import load_judge
 from ..safety.prompting import encode_prompts
 from ..safety.reward import GOLD_KEYS, parse_completion, reward_breakdown
-
-
-def answer_text(completion: str) -> str:
-    low = completion.lower()
-    i = low.find("<answer>")
-    if i < 0:
-        return completion
-    j = low.find("</answer>", i)
-    return completion[i + 8:j if j >= 0 else len(completion)]
-
-
-def decode_completions(tokenizer, ids: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-    """Text of each completion (up to its length; special tokens such as EOS dropped)."""
-    return tokenizer.batch_decode([row[:n].tolist() for row, n in zip(ids, lengths.tolist())],
-                                  skip_special_tokens=True)
 
 
 @torch.no_grad()

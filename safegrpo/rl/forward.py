@@ -26,6 +26,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .logprobs import token_logprobs
+
 VISION_KEYS = ("pixel_values", "image_grid_thw")
 
 
@@ -184,3 +186,12 @@ def full_sequence_hidden(model, batch: dict, completion_ids: torch.Tensor, compl
         kw["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
     h = base_model(model)(input_ids=ids, attention_mask=mask, use_cache=False, **kw).last_hidden_state
     return h[:, Lp - 1:Lp - 1 + T]                                  # position t scores token t+1
+
+
+def completion_logprobs(model, batch: dict, completion_ids: torch.Tensor, mask: torch.Tensor, group_size: int,
+                        temperature: float = 1.0, entropy: bool = False, entropy_grad: bool = False):
+    """log pi(o_t | q, o_<t) / T-tempered, for every completion token: [N, T] (and the entropy
+    [N, T] when asked), through the prompt-once forward and the fused log-prob kernel."""
+    h = completion_hidden(model, batch, completion_ids, mask, group_size)          # [N, T, H]
+    return token_logprobs(h, lm_head_weight(model), completion_ids, temperature, return_entropy=entropy,
+                          entropy_grad=entropy_grad)

@@ -1,15 +1,18 @@
-"""The GRPO math as small pure tensor functions (no state, no model).
+"""The GRPO math as small pure tensor functions (no state, no model), numbered as in
+docs/METHOD.md. For prompt q with G sampled outputs o_1..o_G and rewards r_1..r_G:
 
-Notation follows DeepSeekMath's GRPO (Shao et al., 2024, eq. 3) and DAPO / Dr. GRPO for the
-variants. For prompt q with G sampled outputs o_1..o_G and rewards r_1..r_G:
-
-  (1) advantage       A_i = (r_i - mean(r)) / (std(r) + eps)          std with Bessel's correction
-  (2) ratio           rho_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})
-  (3) clipped loss    L_{i,t} = max(-A_i rho, -A_i clip(rho, 1 - eps_low, 1 + eps_high))
+  (4) advantage       A_i = (r_i - mean(r)) / (std(r) + eps)          std with Bessel's correction
+  (5) ratio           rho_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})
+  (6) clipped loss    L_{i,t} = max(-A_i rho, -A_i clip(rho, 1 - eps_low, 1 + eps_high))
       dual clip       for A_i < 0: L_{i,t} = min(L_{i,t}, -A_i c)          (Ye et al., 2020)
-  (4) KL estimators   k1 = log(pi/pi_ref), k2 = 0.5 log(pi/pi_ref)^2,
+  (7) KL estimators   k1 = log(pi/pi_ref), k2 = 0.5 log(pi/pi_ref)^2,
                       k3 = pi_ref/pi - log(pi_ref/pi) - 1                  (Schulman, 2020)
-  (5) objective       J = aggregate(L_{i,t} + beta * KL_{i,t}) over completion tokens
+  (8) per token       l_{i,t} = L_{i,t} + beta KL_{i,t} - c_H H_{i,t}      (c_H: entropy bonus, 0 in the paper)
+  (9) aggregation     J = token-mean | seq-mean-token-mean | seq-mean-token-sum-norm of l over the
+                      mini-batch (DAPO / Dr. GRPO)
+
+`grpo_loss` is (8) + (9) in one call, returning the loss and its metrics the way
+nano-aha-moment's `compute_pg_loss` and verl's policy-loss functions do.
 
 Shapes: N = B*G sequences, T = completion length; `mask` [N, T] is 1 on completion tokens
 (first EOS included) and 0 after.
@@ -25,7 +28,7 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6,
                      batch_std: torch.Tensor | None = None) -> torch.Tensor:
-    """Eq. (1). rewards [N] (groups are consecutive blocks of group_size) -> advantages [N].
+    """Eq. (4). rewards [N] (groups are consecutive blocks of group_size) -> advantages [N].
 
     scale="group": divide by each group's std (the paper); "batch": by the std of the whole
     batch's rewards (`batch_std`, e.g. over all ranks; default: the std of these N); "none": no
@@ -52,7 +55,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
-    """Eq. (4), elementwise per token. k3 (the paper's "low_var_kl") is clamped as in verl:
+    """Eq. (7), elementwise per token. k3 (the paper's "low_var_kl") is clamped as in verl:
     d = clamp(ref - logp, -20, 20), kl = clamp(exp(d) - d - 1, -10, 10)."""
     if kind == "k1":
         return logp - ref_logp
@@ -70,7 +73,7 @@ def _per_token(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = 3.0) -> torch.Tensor:
-    """Eqs. (2)-(3): per-token clipped surrogate loss [N, T], zero where mask is 0.
+    """Eqs. (5)-(6): per-token clipped surrogate loss [N, T], zero where mask is 0.
 
     advantages: per sequence [N] or per token [N, T]. ratio = exp(clamp(logp - old_logp, -20, 20)).
     dual_clip c > 1 bounds the loss of negative-advantage tokens by -A c (None disables it).
@@ -95,29 +98,58 @@ def clip_fraction(logp, old_logp, advantages, mask, clip_low: float = 0.2, clip_
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
-              norm_constant: float | None = None) -> torch.Tensor:
-    """Eq. (5): reduce per-token losses [N, T] to a scalar.
+              norm_constant: float | None = None, total=None) -> torch.Tensor:
+    """Eq. (9): reduce per-token losses [N, T] to a scalar.
 
-    token-mean: sum over all completion tokens / their count. To make a micro-batch's share of
-        a mini-batch exact, pass the mini-batch's token count as norm_constant: the micro losses
-        then add up to the mini-batch token-mean whatever the split.
-    seq-mean-token-mean: mean over sequences of each sequence's token mean (norm_constant, if
-        given, replaces the number of sequences N, for the same micro-batch reason).
-    seq-mean-token-sum-norm (Dr. GRPO): sum of each sequence's token sum / norm_constant (a
-        fixed constant, default T, e.g. the maximum response length), divided by N.
+    token-mean: sum over all completion tokens / their count.
+    seq-mean-token-mean: mean over sequences of each sequence's token mean.
+    seq-mean-token-sum-norm (Dr. GRPO): each sequence's token sum / norm_constant (a fixed
+        constant, default T, e.g. the maximum response length), averaged over sequences.
+    total: when these rows are one micro-batch of a larger mini-batch, the mini-batch's token
+        count (token-mean) or sequence count (the seq-mean modes): the micro-batch losses then
+        add up to the mini-batch's loss exactly, whatever the split. Default: these rows' own.
     """
     masked = per_token * mask
     if mode == "token-mean":
-        denom = mask.sum().clamp(min=1) if norm_constant is None else norm_constant
-        return masked.sum() / denom
-    n_seq = per_token.shape[0]
+        return masked.sum() / (mask.sum().clamp(min=1) if total is None else total)
+    n_seq = per_token.shape[0] if total is None else total
     if mode == "seq-mean-token-mean":
-        seq = masked.sum(-1) / mask.sum(-1).clamp(min=1)
-        return seq.sum() / (n_seq if norm_constant is None else norm_constant)
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n_seq
     if mode == "seq-mean-token-sum-norm":
-        constant = per_token.shape[-1] if norm_constant is None else norm_constant
-        return masked.sum() / constant / n_seq
+        return masked.sum() / (per_token.shape[-1] if norm_constant is None else norm_constant) / n_seq
     raise ValueError(f"unknown loss aggregation {mode!r}; use one of {AGG_MODES}")
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+              ref_logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
+              clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = 3.0,
+              beta: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
+              loss_agg: str = "token-mean", norm_constant: float | None = None, total=None) -> tuple[torch.Tensor, dict]:
+    """Eqs. (5)-(9): the GRPO loss of one (micro-)batch and what to log about it.
+
+    logp [N, T] (with grad), old_logp, ref_logp [N, T] (no grad; ref_logp None: no KL term),
+    advantages [N] or [N, T], mask [N, T], entropy [N, T] (with grad when entropy_coef > 0).
+    Returns (loss, metrics); metrics are sums over this batch's completion tokens, so that
+    micro-batches and ranks add up before dividing: {"tokens", "clipped", "kl", "entropy"}.
+
+    >>> lp = torch.log(torch.tensor([[0.5, 0.5]]))
+    >>> loss, m = grpo_loss(lp, lp, torch.tensor([1.0]), torch.ones(1, 2))
+    >>> round(loss.item(), 4), m["clipped"]                # -A * rho at rho = 1, nothing clipped
+    (-1.0, 0.0)
+    """
+    per_tok = policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip)     # (6)
+    metrics = {"tokens": mask.sum().item(),
+               "clipped": clip_fraction(logp.detach(), old_logp, advantages, mask, clip_low, clip_high).item()
+               * mask.sum().item()}
+    if ref_logp is not None:                                                                  # (7)
+        kl = kl_penalty(logp, ref_logp, kl_estimator)
+        per_tok = per_tok + beta * kl * mask
+        metrics["kl"] = (kl.detach() * mask).sum().item()
+    if entropy is not None:
+        if entropy_coef > 0:                                                                  # (8)
+            per_tok = per_tok - entropy_coef * entropy * mask
+        metrics["entropy"] = (entropy.detach() * mask).sum().item()
+    return aggregate(per_tok, mask, loss_agg, norm_constant, total), metrics                # (9)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

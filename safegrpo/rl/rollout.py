@@ -51,6 +51,12 @@ def completion_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
     return (torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]).float()
 
 
+def decode_completions(tokenizer, ids: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+    """Text of each completion (up to its length; special tokens such as EOS dropped)."""
+    return tokenizer.batch_decode([row[:n].tolist() for row, n in zip(ids, lengths.tolist())],
+                                  skip_special_tokens=True)
+
+
 def banned_token_ids(model) -> list[int]:
     """Image / video placeholder ids (and vision delimiters) that must never be sampled."""
     ids = set()

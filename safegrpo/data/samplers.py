@@ -1,0 +1,104 @@
+"""Which training records a GRPO step draws, and the seed each prompt samples with.
+
+    EpochSampler      deterministic shuffled passes over n items; state (epoch, position)
+    BalancedSampler   fixed shares from several pools (e.g. combined-safe / combined-unsafe),
+                      interleaved by smooth weighted round robin
+    make_sampler      the one data.balance_* asks for
+    prompt_seed       the sampling seed of the prompt at a position of a step
+
+Every rank draws the same sequence; the trainer decides which positions a rank owns. States
+are plain dicts saved in checkpoints, so a resumed run draws what the uninterrupted one would.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import DataConfig
+
+
+def prompt_seed(seed: int, step: int, position: int) -> int:
+    """Seed of the `position`-th prompt of GRPO step `step`: a prompt's completions do not
+    depend on which rank or micro-batch it lands in, or on a resume."""
+    return (seed * 1_000_003 + step) * 1_000_033 + position
+
+
+class EpochSampler:
+    """Deterministic shuffled passes over n items; state is (epoch, position)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+        self._perm = self._make()
+
+    def _make(self):
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._make()
+            out.append(self._perm[self.pos])
+            self.pos += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load(self, st: dict):
+        self.epoch, self.pos = st["epoch"], st["pos"]
+        self._perm = self._make()
+
+
+class BalancedSampler:
+    """Fixed shares of each draw from several pools of indices, each pool an EpochSampler. Pool i
+    gets weights[i] of every sum(weights) draws (equal shares by default), interleaved smoothly
+    (weighted round robin), and the turns carry across draws. Counters majority-label shortcuts."""
+
+    def __init__(self, pools: list[list[int]], seed: int, what: str = "data.balance_combined",
+                 weights: list[int] | None = None):
+        if len(pools) < 2 or any(not p for p in pools):
+            raise ValueError(f"{what} needs records of at least two kinds to balance")
+        weights = weights or [1] * len(pools)
+        self.pools, self.turn = pools, 0
+        self.samplers = [EpochSampler(len(p), seed + 7919 * k) for k, p in enumerate(pools)]
+        credit, self.cycle = [0] * len(pools), []
+        for _ in range(sum(weights)):                        # smooth weighted round robin
+            credit = [c + w for c, w in zip(credit, weights)]
+            i = max(range(len(pools)), key=lambda k: credit[k])
+            credit[i] -= sum(weights)
+            self.cycle.append(i)
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        for _ in range(k):
+            pool = self.cycle[self.turn % len(self.cycle)]
+            out.append(self.pools[pool][self.samplers[pool].take(1)[0]])
+            self.turn += 1
+        return out
+
+    def state(self) -> dict:
+        return {"pools": [s.state() for s in self.samplers], "turn": self.turn}
+
+    def load(self, st: dict):
+        for s, ps in zip(self.samplers, st["pools"]):
+            s.load(ps)
+        self.turn = st.get("turn", 0)
+
+
+def make_sampler(records, d: DataConfig, seed: int):
+    """The sampler data.balance_combined / data.balance_groups ask for (a plain epoch sampler
+    by default)."""
+    if d.balance_combined:
+        pools = [[i for i, r in enumerate(records) if r.combine_tag == t] for t in ("safe", "unsafe")]
+        return BalancedSampler(pools, seed)
+    if d.balance_groups:          # half per combined tag, each half split evenly over its groups
+        group = lambda r: (r.image_tag, r.text_tag, r.combine_tag)           # noqa: E731
+        kinds = sorted({group(r) for r in records})
+        pools = [[i for i, r in enumerate(records) if group(r) == g] for g in kinds]
+        per_tag = {t: sum(g[2] == t for g in kinds) for t in ("safe", "unsafe")}
+        lcm = math.lcm(*(n for n in per_tag.values() if n))
+        return BalancedSampler(pools, seed, "data.balance_groups", [lcm // per_tag[g[2]] for g in kinds])
+    return EpochSampler(len(records), seed)
