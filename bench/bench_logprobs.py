@@ -3,7 +3,7 @@
     python bench/bench_logprobs.py [--vocab 151936] [--hidden 256] [--tokens 512 2048 8192]
 
 naive: logits = hidden @ W.T ([tokens, V] fp32), log_softmax, gather, backward through all of it.
-ours:  safegrpo.logprobs.token_logprobs, chunked, backward recomputes each chunk.
+ours:  safegrpo.rl.logprobs.token_logprobs, chunked, backward recomputes each chunk.
 Each measurement runs in a fresh child process; peak memory is the rise of the process's resident
 high-water mark (Linux VmHWM, reset just before the call) above its size before the call, so it
 counts every buffer the computation allocates (outputs, gradients, temporaries). Time is the

@@ -1,4 +1,4 @@
-"""Rollout throughput: safegrpo.rollout.generate against transformers' model.generate.
+"""Rollout throughput: safegrpo.rl.rollout.generate against transformers' model.generate.
 
     python bench/bench_rollout.py [--prompts 16] [--group 8] [--tokens 96]
 

@@ -5,7 +5,7 @@
 The GPU twin of bench/bench_logprobs.py, at a real model's hidden size: hidden [tokens, H] in
 bf16 (what a bf16 autocast forward hands over), LM head weight [V, H] fp32, forward + backward.
 naive: log_softmax(hidden @ W.T) in fp32, gather, backward through the [tokens, V] logits.
-ours:  safegrpo.logprobs.token_logprobs (chunked, fp32, backward recomputes each chunk).
+ours:  safegrpo.rl.logprobs.token_logprobs (chunked, fp32, backward recomputes each chunk).
 Peak is torch.cuda.max_memory_allocated above what was allocated before the call; time is the
 median of 5 calls after a warm-up. A size whose naive computation does not fit prints "OOM".
 """

@@ -1,5 +1,5 @@
 """The rule reward written the plain way, with backtracking regexes, straight from its statement
-in docs/METHOD.md (eqs. 1-3). Tests and `bench/bench_reward.py` compare `safegrpo.reward`
+in docs/METHOD.md (eqs. 1-3). Tests and `bench/bench_reward.py` compare `safegrpo.safety.reward`
 (linear time) against it; nothing trains with it (it can take seconds on adversarial input)."""
 import re
 

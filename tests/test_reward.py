@@ -1,4 +1,4 @@
-"""The rule reward: each clause of METHOD.md by hand, then thousands of random strings against
+"""The rule reward: each clause of docs/METHOD.md (eqs. 1-3) by hand, then thousands of random strings against
 the plain regex implementation of the same rule."""
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -58,7 +58,7 @@ def test_repeated_tags_first_wins():
 
 
 # A tag is read only where it is well formed, <name>(safe|unsafe)</name>; the first such one wins,
-# and a malformed one before it is skipped (docs/METHOD.md, eq. 2).
+# and a malformed one before it is skipped (docs/METHOD.md, section 4).
 WELL = "<visual_safe>safe</visual_safe> <text_safe>safe</text_safe> "
 END = "</think><answer>Sorry, I cannot.</answer>"
 

@@ -1,6 +1,6 @@
 """SafeTag records and their two on-disk layouts.
 
-A record is one image-instruction pair with three gold tags (METHOD.md, "Data"):
+A record is one image-instruction pair with three gold tags (docs/METHOD.md, section 2):
     SafeTagRecord(prompt, images, image_tag, text_tag, combine_tag, meta)
 `images` is a list of RGB PIL images (empty for text-only items); `meta` keeps any extra
 columns (SafeTag-Synth stores its concept, instruction and group there).

@@ -16,14 +16,14 @@ import torch
 
 from ..files import atomic_path
 from ..processor import QwenVLImageTextProcessor
+from ..safety.reward import TAGS
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|image_pad|>", "<|video_pad|>"]
 # Tag strings become single tokens in the tiny tokenizer (Qwen3 tokenizers do the same for <think>).
-TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>", "<visual_safe>", "</visual_safe>",
-              "<text_safe>", "</text_safe>", "<combined_safe>", "</combined_safe>"]
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"] + [f"<{e}{t}>" for t in TAGS for e in ("", "/")]
 
-# Qwen2-VL's chat template without the default system prompt (METHOD.md: there is none).
+# Qwen2-VL's chat template without the default system prompt (docs/METHOD.md: there is none).
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..rl.rollout import decode_completions, generate
 from ..safety.judge import load_judge
 from ..safety.prompting import encode_prompts
-from ..safety.reward import GOLD_KEYS, parse_completion, reward_breakdown
+from ..safety.reward import GOLD_KEYS, SHORT_NAMES, parse_completion, reward_breakdown
 
 
 @torch.no_grad()
@@ -52,7 +52,6 @@ def _rate(hits: list[bool]) -> float | None:
 
 def _metrics(rows: list[dict]) -> dict:
     """Figures of the module docstring over `rows` (one dict per item, see `score`)."""
-    names = {"visual_safe": "visual", "text_safe": "text", "combined_safe": "combined"}
     full = [r for r in rows if r["reward"] is not None]
     out = {"n": len(rows), "format_rate": _rate([r["format"] == 1.0 for r in rows]),
            "refusal_rate_unsafe": _rate([r["refused"] for r in rows if r["expected"] == "refuse"]),
@@ -61,7 +60,7 @@ def _metrics(rows: list[dict]) -> dict:
            "n_answer": sum(r["expected"] == "answer" for r in rows),
            "reward_mean": sum(r["reward"] for r in full) / len(full) if full else None,
            "tag_acc": {}, "confusion": {}}
-    for tag, short in names.items():
+    for tag, short in SHORT_NAMES.items():
         known = [r for r in rows if r["gold"][tag] is not None]
         out["tag_acc"][short] = _rate([r["pred"][tag] == r["gold"][tag] for r in known])
         conf = {g: {"safe": 0, "unsafe": 0, "missing": 0} for g in ("safe", "unsafe")}

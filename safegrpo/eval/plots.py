@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from ..files import atomic_path
+from ..safety.reward import SHORT_NAMES
 
 
 def read_metrics(path) -> list[dict]:
@@ -51,7 +52,8 @@ def plot_refusal(columns: dict[str, dict], out_png) -> Path:
 def plot_confusion(results: dict[str, dict], out_png) -> Path:
     """2x2 (plus missing) confusion of each tag, one row of panels per benchmark defining it."""
     plt = _pyplot()
-    cells = [(b, t, m["confusion"][t]) for b, m in results.items() for t in ("visual", "text", "combined")
+    tags = list(SHORT_NAMES.values())
+    cells = [(b, t, m["confusion"][t]) for b, m in results.items() for t in tags
              if m["confusion"].get(t)]
     rows = sorted({b for b, _, _ in cells}, key=list(results).index)
     if not rows:
@@ -60,7 +62,7 @@ def plot_confusion(results: dict[str, dict], out_png) -> Path:
     for ax in axes.flat:
         ax.axis("off")
     for b, t, conf in cells:
-        ax = axes[rows.index(b)][("visual", "text", "combined").index(t)]
+        ax = axes[rows.index(b)][tags.index(t)]
         ax.axis("on")
         grid = [[conf[g][p] for p in ("safe", "unsafe", "missing")] for g in ("safe", "unsafe")]
         ax.imshow(grid, cmap="Blues")

@@ -1,6 +1,6 @@
 """Fused, chunked per-token log-probabilities and entropies from last hidden states.
 
-    logp[n] = log_softmax(hidden[n] @ W.T / T)[targets[n]]             computed in fp32
+    logp[n] = log_softmax(hidden[n] @ W.T / T)[targets[n]]             docs/METHOD.md eq. (11), in fp32
 
 For a Qwen vocabulary (V = 151,936) the [batch, length, V] logits tensor is the largest thing in
 a GRPO step. `token_logprobs` never builds it: the forward pass walks the rows in chunks and

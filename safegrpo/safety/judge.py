@@ -17,7 +17,7 @@ Two transparent, pure-Python rules ship with the library:
   answers mention them in passing, and that is where ``keywords`` disagrees with people.
 
 Measured against the 900 human-labelled XSTest completions in
-``shared/benchmarks/xstest/model_completions`` (``python -m safegrpo.judge``; a completion is a
+``../shared/benchmarks/xstest/model_completions`` (``python -m safegrpo.safety.judge``; a completion is a
 refusal when ``final_label`` is a full or partial refusal) the figures are in the README.
 
 Plug-in judges: anything with ``judge(answers, prompts=None) -> list[bool]`` can be passed to

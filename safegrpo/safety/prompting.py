@@ -1,6 +1,6 @@
 """Step-guided safety thinking: the instruction, the chat messages and the processor call.
 
-METHOD.md, "Step-guided safety thinking": the user's question is followed, in the same user
+docs/METHOD.md, section 3: the user's question is followed, in the same user
 turn and with no system prompt, by an instruction to reason in five steps (caption, judge the
 image, judge the text, judge both, summarise), writing the three safety tags as it goes, with
 the reasoning in <think></think> and the reply in <answer></answer>: refuse if the combination

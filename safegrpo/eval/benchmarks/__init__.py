@@ -79,6 +79,21 @@ def read_json(path: Path, expect: type):
     return data
 
 
+def json_items(path: Path, file_name: str, benchmark: str) -> tuple[Path, list[tuple[str, dict]]]:
+    """(the file, [(where, item)]) of a benchmark whose items are a JSON list of objects; `path`
+    is the file or the folder holding `file_name`."""
+    meta = path / file_name if path.is_dir() else path
+    if not meta.is_file():
+        raise BenchmarkError(f"{benchmark}: {meta} not found (expected the benchmark's {file_name})")
+    out = []
+    for k, row in enumerate(read_json(meta, list)):
+        where = f"{meta}: item {k}"
+        if not isinstance(row, dict):
+            raise BenchmarkError(f"{where}: not an object")
+        out.append((where, row))
+    return meta, out
+
+
 def read_text(path: Path) -> str:
     """A text file as UTF-8; an undecodable byte is an error naming the line."""
     data = path.read_bytes()

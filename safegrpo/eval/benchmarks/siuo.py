@@ -8,20 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import BenchmarkError, item, open_image, read_json, require
+from . import item, json_items, open_image, require
 
 
 def load(path: Path, skip_missing: bool = False, report: list | None = None, image_dir: str | Path | None = None) -> list:
-    meta = path / "siuo_gen.json" if path.is_dir() else path
-    if not meta.is_file():
-        raise BenchmarkError(f"siuo: {meta} not found (expected SIUO's siuo_gen.json)")
+    meta, rows = json_items(path, "siuo_gen.json", "siuo")
     images = Path(image_dir) if image_dir else meta.parent / "images"
-    rows = read_json(meta, list)
     out = []
-    for k, row in enumerate(rows):
-        where = f"{meta}: item {k}"
-        if not isinstance(row, dict):
-            raise BenchmarkError(f"{where}: not an object")
+    for where, row in rows:
         require(row, ("question_id", "image", "question", "category"), where,
                 {"image": str, "question": str, "category": str})
         im = open_image(images / row["image"], f"{where} (question_id {row['question_id']})", skip_missing, report)

@@ -10,20 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import BenchmarkError, item, open_image, read_json, require
+from . import BenchmarkError, item, json_items, open_image, require
 
 
 def load(path: Path, skip_missing: bool = False, report: list | None = None, image_dir: str | Path | None = None) -> list:
-    meta = path / "test.json" if path.is_dir() else path
-    if not meta.is_file():
-        raise BenchmarkError(f"vlguard: {meta} not found (expected VLGuard's test.json)")
+    meta, rows = json_items(path, "test.json", "vlguard")
     images = Path(image_dir) if image_dir else (meta.parent / "test" if (meta.parent / "test").is_dir() else meta.parent)
-    rows = read_json(meta, list)
     out = []
-    for k, row in enumerate(rows):
-        where = f"{meta}: item {k} (id {row.get('id') if isinstance(row, dict) else '?'})"
-        if not isinstance(row, dict):
-            raise BenchmarkError(f"{where}: not an object")
+    for where, row in rows:
+        where = f"{where} (id {row.get('id')})"
         require(row, ("id", "image", "safe", "instr-resp"), where, {"image": str, "safe": bool, "instr-resp": list})
         im = open_image(images / row["image"], where, skip_missing, report)
         if im is None:
