@@ -120,9 +120,9 @@ class RolloutConfig:
     temperature: float = opt(1.0, gt(0.0))      # sampling temperature; log-probs are taken at the same one
     top_p: float = opt(1.0, within(0.0, 1.0, lo_open=True))   # nucleus; < 1 makes the update off-policy
     max_new_tokens: int = opt(4096, ge(1))      # completion length limit
-    prompts_per_call: int = opt(0, ge(0))       # prompts decoded together (0: all of a rank's prompts at once).
-                                                # 1 makes each prompt's samples independent of the batch to
-                                                # the last bit (batched matmuls round differently); slower
+    max_batch_tokens: int = opt(0, ge(0))       # KV-cache budget per rank, in tokens: resident prompts x the longest
+                                                # prompt + decoding rows x max_new_tokens (rl/rollout.slot_plan);
+                                                # rows join as others finish. 0 = every prompt and row at once
 
 
 @dataclass

@@ -41,7 +41,7 @@ from .rl.batching import micro_batches, slice_prompts, split_to
 from .rl.decode import decode_path
 from .rl.forward import completion_logprobs
 from .rl.grpo import group_advantages, grpo_loss
-from .rl.rollout import concat_rollouts, decode_completions, generate
+from .rl.rollout import decode_completions, generate
 from .safety.judge import refusal_rule
 from .safety.prompting import encode_prompts, prompt_lengths
 from .safety.reward import GOLD_KEYS, SHORT_NAMES, reward_breakdown
@@ -253,7 +253,7 @@ class Trainer:
         batch = self.encode(recs, lay.records)
         # 2. rollout ----------------------------------------------------------------------------
         t0 = time.perf_counter()
-        ro = self.rollout(step, batch, recs, lay)
+        ro = self.rollout(step, batch, lay)
         ids = ro.completion_ids                                                           # [N, T]
         t_rollout = time.perf_counter() - t0
         # 3. reward (ALGO LOGIC: what is rewarded) ----------------------------------------------
@@ -324,21 +324,19 @@ class Trainer:
             sums.update(zip(keys, dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()))
         return sums
 
-    def rollout(self, step, batch, recs, lay: Layout):
-        """G completions per prompt from the gathered policy, in calls of rollout.prompts_per_call
-        prompts; each prompt samples from its own seed, so where it lands does not matter."""
-        c, P = self.cfg, len(recs)
-        seeds = [prompt_seed(c.train.seed, step, i) for i in lay.positions]
-        k = c.rollout.prompts_per_call or P
-        calls = [(a, min(a + k, P)) for a in range(0, P, k)]
+    def rollout(self, step, batch, lay: Layout):
+        """G completions per prompt from the gathered policy, continuously batched under
+        rollout.max_batch_tokens; each prompt samples from its own seed, so where and when it is
+        decoded does not matter."""
+        c = self.cfg
         self.policy.eval()
         try:
             with self.amp(), dist.gathered(self.policy_fwd):
-                return concat_rollouts([generate(
-                    self.policy, batch if k >= P else self.encode(recs[a:b], lay.records[a:b]), group_size=self.G,
-                    max_new_tokens=c.rollout.max_new_tokens, eos_token_id=self.policy.generation_config.eos_token_id,
-                    pad_token_id=self.tokenizer.pad_token_id, temperature=self.temperature, top_p=c.rollout.top_p,
-                    seeds=seeds[a:b]) for a, b in calls], self.tokenizer.pad_token_id)
+                return generate(self.policy, batch, group_size=self.G, max_new_tokens=c.rollout.max_new_tokens,
+                                eos_token_id=self.policy.generation_config.eos_token_id,
+                                pad_token_id=self.tokenizer.pad_token_id, temperature=self.temperature,
+                                top_p=c.rollout.top_p, seeds=[prompt_seed(c.train.seed, step, i) for i in lay.positions],
+                                max_batch_tokens=c.rollout.max_batch_tokens)
         except FloatingPointError as e:
             raise NonFiniteError(f"non-finite policy at step {step} ({e}); stopping without writing a checkpoint "
                                  "of this state. Lower optim.lr or resume from the last checkpoint.") from None

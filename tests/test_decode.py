@@ -18,17 +18,28 @@ def _compare_steps(model, batch, G=2, steps=6, seed=0, relative=False):
         _, prompt_cache = prefill(model, batch, pos)                 # once per prompt (lean)
         _, cache = prefill(model, batch, pos, reserve=steps)          # repeated G times (Hugging Face)
         cache.batch_repeat_interleave(G)
-    N, Lp = batch["input_ids"].shape[0] * G, batch["input_ids"].shape[1]
+    B, Lp = batch["input_ids"].shape
+    N = B * G
     next_pos = next_pos.repeat_interleave(G)
     attn = torch.cat([batch["attention_mask"].repeat_interleave(G, 0),
                       batch["attention_mask"].new_ones(N, steps)], 1)
-    lean = LeanDecoder(model, prompt_cache, batch["attention_mask"], G, steps)
+    kv = (prompt_cache.layers[0].keys.dtype, prompt_cache.layers[0].values.dtype)
+    page = 4                                                        # small pages: a row spans several
+    per_row = -(-steps // page)
+    lean = LeanDecoder(model, B, Lp, N * per_row, page, G, kv, batch["input_ids"].device)
+    for b in range(B):                                              # prompt b in slot b, its rows b*G..b*G+G-1
+        lean.add_prompt(b, [cl.keys[b] for cl in prompt_cache.layers], [cl.values[b] for cl in prompt_cache.layers],
+                        batch["attention_mask"][b])
+    rows = torch.arange(N, device=batch["input_ids"].device)
+    # pages handed out in a shuffled order, as a long rollout leaves them
+    table = (torch.randperm(N * per_row, generator=torch.Generator().manual_seed(seed)) + 1).view(N, per_row)
     ids = torch.randint(10, model.config.get_text_config().vocab_size - 10, (steps, N),
                         generator=torch.Generator().manual_seed(seed)).to(batch["input_ids"].device)
     worst, scale = 0.0, 0.0
     with torch.no_grad():
         for t in range(steps):
-            ours = lean.step(ids[t], next_pos + t)
+            ours = lean.step(ids[t], next_pos + t, rows // G, rows % G, torch.full_like(rows, t), table.to(rows.device),
+                             canonical=t % 2 == 0)           # both attention paths
             ref = step(model, ids[t][:, None], attn[:, :Lp + t + 1], continuation_positions(model, next_pos, 1, offset=t),
                        cache)[:, -1]
             worst = max(worst, (ours - ref).abs().max().item())

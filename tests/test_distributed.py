@@ -43,14 +43,12 @@ def small_set(tmp_path_factory, synth_dir):
 def test_two_processes_equal_one_process_after_one_step(tmp_path, tiny_model_dir, synth_dir, small_set):
     # beta > 0 (a sharded reference), 2 optimizer updates per step (old log-probs), token-mean
     # over the global mini-batch; both runs do the same warm start (rank 0 alone under torchrun).
-    # rollout.prompts_per_call=1 decodes each prompt on its own, so that a sample cannot flip on
-    # the last bit of a batched matmul whose batch differs between the runs
-    # (https://pytorch.org/docs/stable/notes/numerical_accuracy.html)
+    # every prompt samples from its own seed (rl/sampling.py), so where it is decoded does not matter
     cfg = tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{
         "data.train": str(small_set), "data.test": "", "train.steps": 1, "train.prompts_per_step": 4,
         "train.mini_batch_prompts": 2, "train.micro_batch_prompts": 1, "train.save_every": 1,
         "grpo.beta": 0.04, "optim.lr": 1e-3, "rollout.max_new_tokens": 80, "sft.enabled": True, "sft.steps": 200,
-        "sft.batch_size": 8, "sft.lr": 3e-3, "sft.warmup_steps": 5, "rollout.prompts_per_call": 1})
+        "sft.batch_size": 8, "sft.lr": 3e-3, "sft.warmup_steps": 5})
     run(cfg, 1, tmp_path / "one")
     run(cfg, 2, tmp_path / "two")
     a, b = weights(tmp_path / "one", 1), weights(tmp_path / "two", 1)
@@ -118,7 +116,7 @@ def test_token_budget_with_uneven_prompts_across_ranks_finishes_and_matches(tmp_
         "data.train": str(tmp_path / "uneven.parquet"), "data.max_prompt_length": 300, "train.seed": seed,
         "train.steps": 2, "train.prompts_per_step": 4, "train.mini_batch_prompts": 4, "train.micro_batch_tokens": 300,
         "train.save_every": 2, "train.eval_every": 1, "train.eval_limit": 3, "rollout.group_size": 2,
-        "rollout.max_new_tokens": 8, "rollout.prompts_per_call": 1, "grpo.beta": 0.04, "grpo.entropy_coef": 0.01,
+        "rollout.max_new_tokens": 8, "grpo.beta": 0.04, "grpo.entropy_coef": 0.01,
         "optim.lr": 1e-3})
     run(cfg, 1, tmp_path / "one")
     run(cfg, 2, tmp_path / "two", timeout=240)

@@ -91,16 +91,26 @@ def decode_path(model) -> str:
 
 
 class LeanDecoder:
-    """Decode steps for G samples of each of B prompts (rows b*G .. b*G+G-1 belong to prompt b).
+    """Decode steps for rows (samples), each prompt's cache stored once, generated keys and
+    values in pages.
 
-    `prompt_cache`: the prefill's cache of the B prompts, NOT repeated G times: each prompt's keys
-    and values stay stored once and the G samples' queries attend to them together (cascade
-    attention: one [G*g, d] x [d, Lp] matmul per prompt and kv head instead of G small ones, and
-    G times less prompt cache to read). Keys and values of generated tokens go to a pre-allocated
-    buffer [B, kv_heads, G, max_new_tokens, d]. `prompt_mask` [B, Lp]: 1 = real token, 0 = left
-    padding. Softmax over prompt and generated keys is joined by a shared running maximum."""
+    Prompt slots: the cache of each resident prompt, [P, kvh, Lp, d] per layer (Lp the longest
+    prompt of the call, padding masked by `prompt_bias` [P, Lp]). Pages: what the rows have
+    generated, a pool [n_pages + 1, kvh, page, d] per layer (page 0 stays zero, for unused
+    table entries); row r's token t lives in page `table[r, t // page]` at offset t % page, so a
+    row holds only the pages it has filled, and attention reads them page by page. Dense mode
+    (when the budget holds every row at full length): one page of max_new_tokens per row slot,
+    row slot r owning page r + 1, read in place without a gather. A step runs the live rows
+    0..n-1; the caller keeps them compact (moving page-table rows, or in dense mode the keys). Attention is cascaded: the queries of a
+    prompt's rows meet that prompt's keys in one matmul per prompt slot ([G*g, d] x [d, Lp], the
+    prompt read once, not G times), the generated keys (gathered from the row's pages) in one per
+    row, and the two softmax parts are joined by a shared maximum.
 
-    def __init__(self, model, prompt_cache, prompt_mask: torch.Tensor, group_size: int, max_new_tokens: int):
+    Weights: under bf16 autocast with fp32 weights the text stack's matrices are cast once here
+    (once per rollout call, so once per GRPO step), not at every step."""
+
+    def __init__(self, model, prompt_slots: int, prompt_len: int, n_pages: int, page: int, group_size: int,
+                 kv_dtypes: tuple, device, dense: bool = False):
         tm = text_model(model)
         self.embed, self.layers, self.norm = tm.embed_tokens, tm.layers, tm.norm
         rot = tm.rotary_emb
@@ -108,66 +118,141 @@ class LeanDecoder:
         a = self.layers[0].self_attn
         self.head_dim = d = a.head_dim
         self.scaling = float(getattr(a, "scaling", d ** -0.5))
-        self.G, self.t = group_size, 0
-        self.prompt_kv = [(cl.keys, cl.values) for cl in prompt_cache.layers]    # [B, kvh, Lp, d] each
-        B, kvh = self.prompt_kv[0][0].shape[:2]
-        self.B, self.kvh = B, kvh
-        neg = torch.finfo(torch.float32).min
-        self.prompt_bias = torch.zeros(prompt_mask.shape, dtype=torch.float32, device=prompt_mask.device)
-        self.prompt_bias.masked_fill_(prompt_mask == 0, neg)
-        self.prompt_bias = self.prompt_bias[:, None, None, :]                      # [B, 1, 1, Lp]
-        kd, vd = self.prompt_kv[0][0].dtype, self.prompt_kv[0][1].dtype
-        self.gen_kv = [(torch.empty(B, kvh, group_size, max_new_tokens, d, dtype=kd, device=prompt_mask.device),
-                        torch.empty(B, kvh, group_size, max_new_tokens, d, dtype=vd, device=prompt_mask.device))
-                       for _ in self.layers]
+        self.kvh = a.k_proj.weight.shape[0] // d
+        self.G, self.P, self.Lp, self.page, self.dense = group_size, prompt_slots, prompt_len, page, dense
+        dev = torch.device(device).type
+        cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        self.weights = [self._layer_weights(layer, cast) for layer in self.layers]
+        kd, vd = kv_dtypes                # as the prefill cache holds them (under autocast: RoPE'd keys fp32)
+        self.prompt_kv = [(torch.zeros(prompt_slots, self.kvh, prompt_len, d, dtype=kd, device=device),
+                           torch.zeros(prompt_slots, self.kvh, prompt_len, d, dtype=vd, device=device))
+                          for _ in self.layers]
+        self.prompt_bias = torch.full((prompt_slots, prompt_len), torch.finfo(torch.float32).min, device=device)
+        self.pages = [(torch.zeros(n_pages + 1, self.kvh, page, d, dtype=kd, device=device),
+                       torch.zeros(n_pages + 1, self.kvh, page, d, dtype=vd, device=device)) for _ in self.layers]
+
+    @staticmethod
+    def _layer_weights(layer, dtype):
+        """The layer's projection weights and biases, cast to `dtype` (None: as stored)."""
+        a, mlp = layer.self_attn, layer.mlp
+        mods = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.detach().to(dtype))
+        return [(cast(m.weight), cast(getattr(m, "bias", None))) for m in mods]
+
+    def add_prompt(self, slot: int, keys: list, values: list, mask: torch.Tensor) -> None:
+        """Store one prompt's prefill cache (per layer [kvh, L, d], L <= Lp, mask [L]) in `slot`."""
+        L = mask.shape[0]
+        for (Kp, Vp), k, v in zip(self.prompt_kv, keys, values):
+            Kp[slot].zero_()
+            Vp[slot].zero_()
+            Kp[slot, :, self.Lp - L:] = k
+            Vp[slot, :, self.Lp - L:] = v
+        self.prompt_bias[slot].fill_(torch.finfo(torch.float32).min)
+        self.prompt_bias[slot, self.Lp - L:].masked_fill_(mask.bool(), 0.0)
+
+    def move_rows(self, src, dst) -> None:
+        """Dense mode: copy the pages of row slots src -> dst (compaction)."""
+        for Kpool, Vpool in self.pages:
+            Kpool[dst + 1], Vpool[dst + 1] = Kpool[src + 1], Vpool[src + 1]
+
+    def move_prompt(self, src: list[int], dst: list[int]) -> None:
+        """Copy prompt slots src -> dst (compaction)."""
+        for Kp, Vp in self.prompt_kv:
+            Kp[dst], Vp[dst] = Kp[src], Vp[src]
+        self.prompt_bias[dst] = self.prompt_bias[src]
 
     def _rope(self, pos: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = pos.float()[:, None] * self.inv_freq[None, :]                      # [N, d/2]
-        emb = torch.cat((freqs, freqs), dim=-1)                                    # [N, d]
+        freqs = pos.float()[:, None] * self.inv_freq[None, :]                      # [n, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)                                    # [n, d]
         cos, sin = emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
-        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]               # [N, 1, d]
+        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]               # [n, 1, d]
 
-    def _attention(self, q, k, v, layer_idx):
-        """q [N, heads, d]; this token's k, v [N, kvh, d] -> attention output [N, heads * d]."""
-        B, G, kvh, d, t = self.B, self.G, self.kvh, self.head_dim, self.t
+    def _plan(self, prompt, g_idx, t, table, canonical: bool, t_max: int | None) -> dict:
+        """What every layer's attention needs of this step, computed once: where each row writes
+        its key, which pages it reads, the mask of positions after t, and (canonical rows: row i
+        is sample i % G of prompt slot i // G) whether prompt scores can be views, not gathers."""
+        n, page, dev = t.shape[0], self.page, t.device
+        T_cur = (int(t.max()) if t_max is None else t_max) + 1
+        rows = torch.arange(n, device=dev)
+        plan = {"P": int(prompt[-1]) + 1 if canonical else int(prompt.max()) + 1, "canonical": canonical,
+                "flat": prompt * self.G + g_idx}                # row -> its (prompt slot, sample) entry
+        if self.dense:                    # row slot r owns page r + 1: read in place
+            plan["at"], plan["off"] = rows + 1, t
+            plan["nb"], plan["page"], plan["pages"] = 1, T_cur, None
+            if int(t.min()) == T_cur - 1:   # every row at the same position: slice writes, nothing to mask
+                plan["at"], plan["off"], plan["later"] = slice(1, n + 1), T_cur - 1, None
+                return plan
+        else:
+            plan["at"], plan["off"] = table[rows, t // page], t % page
+            plan["nb"], plan["page"] = (T_cur - 1) // page + 1, page
+            plan["pages"] = table[:, :plan["nb"]].flatten()
+        span = plan["nb"] * plan["page"]
+        plan["later"] = torch.arange(span, device=dev).view(1, plan["nb"], 1, 1, plan["page"]) > t.view(n, 1, 1, 1, 1)
+        return plan
+
+    def _attention(self, q, k, v, layer_idx, plan: dict):
+        """q [n, heads, d]; this token's k, v [n, kvh, d] -> attention output [n, heads * d]."""
+        n, kvh, d, G = q.shape[0], self.kvh, self.head_dim, self.G
         g = q.shape[1] // kvh                             # query heads per kv head (head h reads kv h // g)
-        Kp, Vp = self.prompt_kv[layer_idx]                                         # [B, kvh, Lp, d]
-        Kg, Vg = self.gen_kv[layer_idx]                                            # [B, kvh, G, T, d]
-        Kg[:, :, :, t] = k.view(B, G, kvh, d).transpose(1, 2)
-        Vg[:, :, :, t] = v.view(B, G, kvh, d).transpose(1, 2)
-        Kg, Vg = Kg[:, :, :, :t + 1], Vg[:, :, :, :t + 1]                         # [B, kvh, G, t+1, d]
-        q5 = q.view(B, G, kvh, g, d).transpose(1, 2)                               # [B, kvh, G, g, d]
-        sp = (torch.matmul(q5.reshape(B, kvh, G * g, d), Kp.transpose(-1, -2)).float() * self.scaling
-              + self.prompt_bias)                                                  # [B, kvh, G*g, Lp]
-        sg = torch.matmul(q5, Kg.transpose(-1, -2)).float() * self.scaling         # [B, kvh, G, g, t+1]
-        sp = sp.view(B, kvh, G, g, -1)
-        m = torch.maximum(sp.amax(-1, keepdim=True), sg.amax(-1, keepdim=True))   # [B, kvh, G, g, 1]
-        ep, eg = torch.exp(sp - m), torch.exp(sg - m)
-        denom = ep.sum(-1, keepdim=True) + eg.sum(-1, keepdim=True)
-        out = (torch.matmul(ep.view(B, kvh, G * g, -1).to(Vp.dtype), Vp).view(B, kvh, G, g, d)
-               + torch.matmul(eg.to(Vg.dtype), Vg)) / denom                       # [B, kvh, G, g, d]
-        return out.transpose(1, 2).reshape(B * G, kvh * g * d).to(Vp.dtype)     # as the HF attention returns
+        P, nb, page, flat = plan["P"], plan["nb"], plan["page"], plan["flat"]
+        Kp, Vp = self.prompt_kv[layer_idx]                                         # [P, kvh, Lp, d]
+        Kpool, Vpool = self.pages[layer_idx]                                       # [pages, kvh, page, d]
+        Kpool[plan["at"], :, plan["off"]], Vpool[plan["at"], :, plan["off"]] = k, v
+        if plan["pages"] is None:         # dense: row slot r owns page r + 1, read in place
+            Kg, Vg = Kpool[1:n + 1, :, :page], Vpool[1:n + 1, :, :page]          # [n, kvh, T, d]
+        else:                             # gather each row's pages
+            Kg = Kpool.index_select(0, plan["pages"]).view(n, nb, kvh, page, d)   # [n, nb, kvh, page, d]
+            Vg = Vpool.index_select(0, plan["pages"]).view(n, nb, kvh, page, d)
+        q4 = q.view(n, kvh, g, d)
+        # prompt part, cascaded: each prompt's G sample slots in one [G*g, Lp] block
+        qd = q4 if plan["canonical"] else q4.new_zeros(P * G, kvh, g, d).index_copy_(0, flat, q4)
+        qd = qd.view(P, G, kvh, g, d).transpose(1, 2).reshape(P, kvh, G * g, d)   # [P, kvh, G*g, d]
+        sp = (torch.matmul(qd, Kp[:P].transpose(-1, -2)).float() * self.scaling
+              + self.prompt_bias[:P, None, None, :]).view(P, kvh, G, g, -1)       # [P, kvh, G, g, Lp]
+        # generated part, per row (and page); positions after t masked
+        paged = plan["pages"] is not None
+        sg = torch.matmul(q4[:, None] if paged else q4, Kg.transpose(-1, -2)).float() * self.scaling
+        if plan["later"] is not None:     # sg: [n, nb, kvh, g, page] paged, [n, kvh, g, T] dense
+            sg.masked_fill_(plan["later"] if paged else plan["later"][:, 0], torch.finfo(torch.float32).min)
+        mp = sp.amax(-1).transpose(1, 2).reshape(P * G, kvh, g)                  # [P*G, kvh, g]
+        mp = mp if plan["canonical"] else mp.index_select(0, flat)
+        m = torch.maximum(mp, sg.amax((1, -1)) if paged else sg.amax(-1))[..., None]   # [n, kvh, g, 1]
+        md = m if plan["canonical"] else m.new_zeros(P * G, kvh, g, 1).index_copy_(0, flat, m)
+        ep = torch.exp(sp - md.view(P, G, kvh, g, 1).transpose(1, 2))             # [P, kvh, G, g, Lp]
+        eg = torch.exp(sg - (m[:, None] if paged else m))                          # like sg
+        op = torch.matmul(ep.view(P, kvh, G * g, -1).to(Vp.dtype), Vp[:P]).view(P, kvh, G, g, d)
+        sum_p = ep.sum(-1, keepdim=True)                                           # [P, kvh, G, g, 1]
+        op, sum_p = op.transpose(1, 2).reshape(P * G, kvh, g, d), sum_p.transpose(1, 2).reshape(P * G, kvh, g, 1)
+        if not plan["canonical"]:
+            op, sum_p = op.index_select(0, flat), sum_p.index_select(0, flat)     # [n, kvh, g, .]
+        og = torch.matmul(eg.to(Vg.dtype), Vg)                                     # [n, (nb,) kvh, g, d]
+        og, sum_g = (og.sum(1), eg.sum((1, -1))[..., None]) if paged else (og, eg.sum(-1, keepdim=True))
+        out = (op + og) / (sum_p + sum_g)
+        return out.reshape(n, kvh * g * d).to(Vp.dtype)                            # as the HF attention returns
 
     @torch.no_grad()
-    def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """ids [N] at positions pos [N] (N = B*G) -> last hidden state [N, H]."""
-        x = self.embed(ids)                                                        # [N, H]
-        N = x.shape[0]
+    def step(self, ids: torch.Tensor, pos: torch.Tensor, prompt: torch.Tensor, g_idx: torch.Tensor,
+             t: torch.Tensor, table: torch.Tensor, canonical: bool = False, t_max: int | None = None) -> torch.Tensor:
+        """Tokens ids [n] of live rows 0..n-1 (prompt slot, sample index, generated index t, all
+        [n]; page table [n, pages]) at positions pos [n] -> last hidden state [n, H]. canonical:
+        row i is sample i % G of prompt slot i // G (all G samples of each prompt, in order);
+        t_max: max(t) when the caller knows it (saves a reduction)."""
+        x = self.embed(ids)                                                        # [n, H]
+        n = x.shape[0]
         cos, sin = self._rope(pos, x.dtype)
-        for i, layer in enumerate(self.layers):
+        plan = self._plan(prompt, g_idx, t, table, canonical, t_max)
+        for i, (layer, w) in enumerate(zip(self.layers, self.weights)):
             a, mlp = layer.self_attn, layer.mlp
+            (wq, bq), (wk, bk), (wv, bv), (wo, bo), (wg, bg), (wu, bu), (wd, bd) = w
             h = _rms_norm(x, layer.input_layernorm)
-            q = F.linear(h, a.q_proj.weight, a.q_proj.bias).view(N, -1, self.head_dim)       # [N, heads, d]
-            k = F.linear(h, a.k_proj.weight, a.k_proj.bias).view(N, -1, self.head_dim)       # [N, kvh, d]
-            v = F.linear(h, a.v_proj.weight, a.v_proj.bias).view(N, -1, self.head_dim)
+            q = F.linear(h, wq, bq).view(n, -1, self.head_dim)                     # [n, heads, d]
+            k = F.linear(h, wk, bk).view(n, -1, self.head_dim)                     # [n, kvh, d]
+            v = F.linear(h, wv, bv).view(n, -1, self.head_dim)
             if hasattr(a, "q_norm"):                                               # Qwen3: per-head RMSNorm
                 q, k = _rms_norm(q, a.q_norm), _rms_norm(k, a.k_norm)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            x = x + F.linear(self._attention(q, k, v, i), a.o_proj.weight, a.o_proj.bias)
+            x = x + F.linear(self._attention(q, k, v, i, plan), wo, bo)
             h = _rms_norm(x, layer.post_attention_layernorm)
-            up = F.linear(h, mlp.up_proj.weight, getattr(mlp.up_proj, "bias", None))
-            gate = F.linear(h, mlp.gate_proj.weight, getattr(mlp.gate_proj, "bias", None))
-            x = x + F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight, getattr(mlp.down_proj, "bias", None))
-        self.t += 1
+            x = x + F.linear(mlp.act_fn(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
         return _rms_norm(x, self.norm)

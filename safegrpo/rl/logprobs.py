@@ -41,12 +41,18 @@ class _FusedLogProbs(torch.autograd.Function):
             logits = hidden[s:s + chunk_size].to(dt) @ w32.T                 # [C, V]
             if temperature != 1.0:
                 logits.div_(temperature)
-            c_lse = torch.logsumexp(logits, dim=-1)                          # [C]
-            lse[s:s + chunk_size] = c_lse
-            logp[s:s + chunk_size] = logits.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1) - c_lse
-            if want_entropy:                                                 # H = -sum p log p
-                logits.sub_(c_lse[:, None])
-                entropy[s:s + chunk_size] = -(logits.exp() * logits).sum(-1)
+            top = logits.amax(-1, keepdim=True)                              # [C, 1]
+            logits.sub_(top)                                                 # z = logits - max, in place
+            target = logits.gather(-1, targets[s:s + chunk_size, None]).squeeze(-1)
+            if want_entropy:      # one exp for both: with e = exp(z), S = sum e, H = log S - sum(e z) / S
+                e = logits.exp()
+                total = e.sum(-1)
+                entropy[s:s + chunk_size] = total.log() - (e * logits).sum(-1) / total
+            else:
+                total = logits.exp_().sum(-1)
+            log_total = total.log()
+            lse[s:s + chunk_size] = top.squeeze(-1) + log_total              # log-sum-exp of the logits
+            logp[s:s + chunk_size] = target - log_total
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return logp, entropy

@@ -1,6 +1,6 @@
-"""Batched sampling with a KV cache: G completions per prompt.
+"""The rollout engine: G completions per prompt, continuously batched under a KV budget.
 
-    prompts [B, Lp] --prefill once--> cache [B] --> decode [B*G] token by token
+    prompts [B, Lp] --prefill once per prompt--> prompt slots --> rows decode token by token
 
 The prompt (and its images) goes through the model once per prompt (forward.py), so vision
 features and prompt attention are computed B times, not B*G. For the supported architectures
@@ -32,18 +32,13 @@ class Rollout:
     completion_ids: torch.Tensor  # [B*G, T]
     lengths: torch.Tensor         # [B*G], first EOS included
     group_size: int
+    peak_cached_tokens: int = 0   # the most prompt + generated tokens held in the KV cache at once
+    row_steps: int = 0            # decode-step rows computed (continuous batching: sum(lengths - 1) + redone)
+    redone_steps: int = 0         # of those, steps of pre-empted rows computed again
 
     @property
     def mask(self) -> torch.Tensor:
         return completion_mask(self.lengths, self.completion_ids.shape[1])
-
-
-def concat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
-    """One Rollout from several (rows in order), completions right-padded to the longest."""
-    T = max(r.completion_ids.shape[1] for r in parts)
-    ids = torch.cat([torch.nn.functional.pad(r.completion_ids, (0, T - r.completion_ids.shape[1]), value=pad_token_id)
-                     for r in parts])
-    return Rollout(ids, torch.cat([r.lengths for r in parts]), parts[0].group_size)
 
 
 def completion_mask(lengths: torch.Tensor, T: int) -> torch.Tensor:
@@ -67,68 +62,279 @@ def banned_token_ids(model) -> list[int]:
     return sorted(ids)
 
 
+def _next_tokens(h: torch.Tensor, W: torch.Tensor, banned, temperature: float, top_p: float, keys, t,
+                 check: bool = False) -> torch.Tensor:
+    """One token per row of hidden states h [n, H]: fp32 logits, placeholders banned, then greedy
+    (temperature 0) or the exact sampler with row keys [n] at generated index t [n]. check: a
+    non-finite logit raises (a broken policy shows at its first step)."""
+    with torch.autocast(h.device.type, enabled=False):                          # sample from fp32 logits
+        logits = h.float() @ W.T                                                 # [n, V]
+    if check and not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError("non-finite logits at the first decode step")
+    if banned:
+        logits[:, banned] = float("-inf")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    return sample(torch.softmax(logits, -1), uniforms(keys, t))
+
+
+PAGE = 16                     # tokens per page of generated keys and values
+
+
+def kv_plan(budget: int, prompt_len: int, group_size: int, max_new_tokens: int, n_prompts: int,
+            page: int = PAGE) -> tuple[int, int, int]:
+    """(prompt slots, pages, tokens per page) for a KV budget of `budget` cached tokens.
+
+    When the budget holds every prompt and every row at full length (or is 0: no bound), each
+    row slot gets one page of max_new_tokens (dense). Otherwise prompt slots (prompt_len tokens
+    each) take at most a quarter of the budget and the rest is pages of `page` tokens, a row
+    taking pages as it grows; one row at full length must fit. Raises when the budget is smaller
+    than one prompt and one full row."""
+    rows = n_prompts * group_size
+    if budget <= 0 or n_prompts * prompt_len + rows * max_new_tokens <= budget:
+        return n_prompts, rows, max_new_tokens
+    per_row = -(-max_new_tokens // page)
+    prompts = max(1, min(n_prompts, budget // (4 * prompt_len)))
+    while prompts > 1 and (budget - prompts * prompt_len) // page < per_row:
+        prompts -= 1
+    pages = (budget - prompts * prompt_len) // page
+    if pages < per_row:
+        raise ValueError(f"rollout.max_batch_tokens={budget} holds no prompt of {prompt_len} tokens with one row of "
+                         f"{max_new_tokens} (needs {prompt_len + per_row * page}); raise it, or 0 for no bound")
+    return prompts, pages, page
+
+
 @torch.no_grad()
 def generate(model, batch: dict, *, group_size: int, max_new_tokens: int, eos_token_id, pad_token_id: int,
              temperature: float = 1.0, top_p: float = 1.0, seeds=None, banned_ids: list[int] | None = None,
-             lean: bool = True) -> Rollout:
+             lean: bool = True, max_batch_tokens: int = 0) -> Rollout:
     """Sample group_size completions for each of the B prompts in `batch` (left-padded).
 
     seeds: one int per prompt; sample g of prompt b draws its t-th token from a uniform that is a
         pure function of (seeds[b], g, t) (sampling.py), so its completion does not depend on the
-        other prompts in the call. None: seeds drawn from torch's global generator.
-    lean: decode with `decode.LeanDecoder` where the model is supported (the same numbers
-        without the Hugging Face forward's per-step overhead), else with the Hugging Face step."""
+        other prompts in the call, nor on when it was decoded. None: seeds from torch's generator.
+    max_batch_tokens: the KV cache budget in tokens (prompt slots x longest prompt + row slots x
+        max_new_tokens, see `slot_plan`); 0 = every prompt and row at once.
+    lean: decode with `decode.LeanDecoder` where the model is supported: continuous batching
+        (rows join as slots free, a finished row stops costing compute at once); else the
+        Hugging Face step, in static batches of as many prompts as the budget holds."""
     device = batch["input_ids"].device
-    eos = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id], device=device)
-    B = batch["input_ids"].shape[0]
+    B, G = batch["input_ids"].shape[0], group_size
     if seeds is None:
         seeds = torch.randint(0, 2 ** 62, (B,)).tolist()
     if len(seeds) != B:
         raise ValueError(f"generate: {len(seeds)} seeds for {B} prompts")
-    keys = row_keys(seeds, group_size, device)                                    # [B*G]
-    W = lm_head_weight(model).float()                                            # [V, H], cast once
-    banned = banned_ids if banned_ids is not None else banned_token_ids(model)
-    pos, next_pos = prompt_positions(model, batch)
-    fast = lean and lean_supported(model)
-    last, cache = prefill(model, batch, pos, reserve=0 if fast else max_new_tokens)  # [B, H]
-    if fast:        # the prompt cache stays once per prompt (cascade attention, decode.py)
-        dec = LeanDecoder(model, cache, batch["attention_mask"], group_size, max_new_tokens)
-    elif group_size > 1:
-        cache.batch_repeat_interleave(group_size)
-    N = last.shape[0] * group_size
-    h = last.repeat_interleave(group_size, dim=0)                                # [N, H]
-    next_pos = next_pos.repeat_interleave(group_size)
-    attn = batch["attention_mask"].repeat_interleave(group_size, dim=0)          # [N, Lp]
-    Lp = attn.shape[1]
-    attn = torch.cat([attn, attn.new_ones(N, max_new_tokens)], dim=1)            # [N, Lp + T], allocated once
-    out = torch.full((N, max_new_tokens), pad_token_id, dtype=torch.long, device=h.device)
-    lengths = torch.full((N,), max_new_tokens, dtype=torch.long, device=h.device)
-    done = torch.zeros(N, dtype=torch.bool, device=h.device)
-    for t in range(max_new_tokens):
-        with torch.autocast(h.device.type, enabled=False):                      # sample from fp32 logits
-            logits = h.float() @ W.T                                             # [N, V]
-        if t == 0 and not bool(torch.isfinite(logits).all()):  # a broken policy shows at once
-            raise FloatingPointError("non-finite logits at the first decode step")
-        if banned:
-            logits[:, banned] = float("-inf")
-        if temperature == 0:
-            tok = logits.argmax(-1)
-        else:
-            logits = logits / temperature
-            if top_p < 1.0:
-                logits = top_p_filter(logits, top_p)
-            tok = sample(torch.softmax(logits, -1), uniforms(keys, t))
-        tok = torch.where(done, torch.full_like(tok, pad_token_id), tok)
-        out[:, t] = tok
-        hit = torch.isin(tok, eos) & ~done
-        lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)
-        done |= hit
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        if fast:
-            h = dec.step(tok, next_pos + t)
-        else:
+    sampler = dict(eos=torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id],
+                                    device=device),
+                   W=lm_head_weight(model).float(),                                       # [V, H], cast once
+                   banned=banned_ids if banned_ids is not None else banned_token_ids(model),
+                   temperature=temperature, top_p=top_p, keys=row_keys(seeds, G, device))   # keys [B*G]
+    run = _continuous if lean and lean_supported(model) else _static
+    out, lengths, peak, row_steps, redone = run(model, batch, G, max_new_tokens, pad_token_id, max_batch_tokens,
+                                                **sampler)
+    T = int(lengths.max())
+    return Rollout(out[:, :T].contiguous(), lengths, G, peak, row_steps, redone)
+
+
+def _images_per_prompt(model, batch) -> list[int]:
+    start = getattr(model.config, "vision_start_token_id", None)
+    if start is None or batch.get("image_grid_thw") is None:
+        return [0] * batch["input_ids"].shape[0]
+    return (batch["input_ids"] == start).sum(-1).tolist()
+
+
+class _LiveRows:
+    """The live rows of a continuous batch, compact in slots 0..n-1, and their state: global row
+    id, prompt slot, sample index g, tokens so far t, the key of their sampler, the position
+    after their prompt, the token to feed next, their hidden state [R, H] and page table
+    [R, pages]. `drop` removes rows by moving the last live rows into their slots."""
+    FIELDS = ("id", "prompt", "g", "t", "order", "key", "pos0", "tok")
+
+    def __init__(self, R: int, per_row: int, hidden: int, dtype, device):
+        for f in self.FIELDS:
+            setattr(self, f, torch.zeros(R, dtype=torch.long, device=device))
+        self.h = torch.zeros(R, hidden, dtype=dtype, device=device)
+        self.table = torch.zeros(R, per_row, dtype=torch.long, device=device)
+        self.n, self.admitted, self.changed = 0, 0, True
+
+    def add(self, row_id: int, g: int, slot: int, key, pos0, h) -> None:
+        n = self.n
+        self.id[n], self.g[n], self.prompt[n], self.t[n], self.order[n] = row_id, g, slot, 0, self.admitted
+        self.key[n], self.pos0[n], self.h[n] = key, pos0, h
+        self.n, self.admitted, self.changed = n + 1, self.admitted + 1, True
+
+    def drop(self, idx: torch.Tensor, with_table: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Remove rows idx; returns (movers, holes): rows that moved, and the slots they moved to."""
+        keep = torch.ones(self.n, dtype=torch.bool, device=idx.device)
+        keep[idx] = False
+        n = int(keep.sum())
+        holes, movers = idx[idx < n], keep.nonzero().flatten()
+        movers = movers[movers >= n]
+        for buf in [getattr(self, f) for f in self.FIELDS] + [self.h] + ([self.table] if with_table else []):
+            buf[holes] = buf[movers]
+        self.n, self.changed = n, True
+        return movers, holes
+
+    def canonical(self) -> bool:
+        """Whether row i is sample i % G of prompt slot i // G (all samples of each prompt in order)."""
+        n, G = self.n, int(self.g[:self.n].max()) + 1 if self.n else 1
+        ar = torch.arange(n, device=self.g.device)
+        return bool(((self.prompt[:n] == ar // G) & (self.g[:n] == ar % G)).all())
+
+
+def _continuous(model, batch, G, T, pad_id, budget, *, eos, W, banned, temperature, top_p, keys):
+    """Continuous batching (see LeanDecoder): rows are admitted in prompt order while a prompt
+    slot and pages are free (a prompt is prefilled when its first row is admitted and keeps its
+    slot until its last row ends), each step runs the live rows only, a row that stops frees its
+    pages at once, and a row that needs a page when none is free pre-empts the newest rows (they
+    start again later and, their samples being a function of (seed, sample, step), produce the
+    same tokens). Returns (ids [B*G, T], lengths [B*G], peak cached tokens, rows computed, of
+    which computed again after pre-emption)."""
+    from .batching import slice_prompts
+    B, device = batch["input_ids"].shape[0], batch["input_ids"].device
+    P, n_pages, page = kv_plan(budget, batch["input_ids"].shape[1], G, T, B)
+    dense = page == T and n_pages == P * G                           # a page per row slot, no gather
+    R = P * G                                                        # the most rows live at once
+    n_img, lp = _images_per_prompt(model, batch), batch["attention_mask"].sum(-1).tolist()
+    pending = [(b, g) for b in range(B) for g in range(G)]                      # FIFO of rows to start
+    out = torch.full((B * G, T), pad_id, dtype=torch.long, device=device)
+    lengths = torch.full((B * G,), T, dtype=torch.long, device=device)
+    free = [] if dense else list(range(n_pages, 0, -1))                          # page 0 is the zero page
+    dec = rows = None
+    slot_prompt, left, slot_pos, slot_last = [], {}, {}, {}         # per prompt slot / prompt: its state
+    peak, first, row_steps, redone, stored, t_max = 0, True, 0, 0, 0, 0
+    canonical = False
+    while pending or (rows is not None and rows.n):
+        n = rows.n if rows is not None else 0
+        # admit rows while there are row and prompt slots, and a free page per live row to spare
+        new_prompts, k = [], 0
+        while k < len(pending) and n + k < R and (dense or len(free) > n + k):
+            b = pending[k][0]
+            if b not in slot_prompt and b not in new_prompts:
+                if len(slot_prompt) + len(new_prompts) >= P:
+                    break
+                new_prompts.append(b)
+            k += 1
+        if new_prompts:                                             # prefill them (a contiguous range)
+            a, e = new_prompts[0], new_prompts[-1] + 1
+            sub = slice_prompts(batch, a, e, n_img)
+            pos, nxt = prompt_positions(model, sub)
+            last, cache = prefill(model, sub, pos)                  # [e-a, H]
+            if dec is None:
+                kv = (cache.layers[0].keys.dtype, cache.layers[0].values.dtype)
+                dec = LeanDecoder(model, P, batch["input_ids"].shape[1], n_pages, page, G, kv, device, dense)
+                rows = _LiveRows(R, -(-T // page), last.shape[-1], last.dtype, device)
+                if dense:
+                    rows.table[:, 0] = torch.arange(1, R + 1, device=device)     # row slot r owns page r + 1
+            for j, bb in enumerate(range(a, e)):
+                dec.add_prompt(len(slot_prompt), [cl.keys[j] for cl in cache.layers],
+                               [cl.values[j] for cl in cache.layers], sub["attention_mask"][j])
+                slot_prompt.append(bb)
+                slot_pos[bb], slot_last[bb], left[bb] = nxt[j], last[j], G
+        for b, g in pending[:k]:
+            rows.add(b * G + g, g, slot_prompt.index(b), keys[b * G + g], slot_pos[b], slot_last[b])
+            if not dense:
+                rows.table[rows.n - 1] = 0                          # its pages come as it writes
+        del pending[:k]
+        n = rows.n
+        # sample the next token of every live row
+        tok = _next_tokens(rows.h[:n], W, banned, temperature, top_p, rows.key[:n], rows.t[:n], check=first)
+        first = False
+        out[rows.id[:n], rows.t[:n]] = rows.tok[:n] = tok
+        stop = torch.isin(tok, eos) | (rows.t[:n] + 1 >= T)
+        if bool(stop.any()):                                        # finished rows leave at once
+            gone = stop.nonzero().flatten()
+            lengths[rows.id[gone]] = rows.t[gone] + 1
+            stored -= int(rows.t[gone].sum())
+            for r in rows.id[gone].tolist():
+                left[r // G] -= 1
+            if not dense:
+                free.extend(p for p in rows.table[gone].flatten().tolist() if p)
+            movers, holes = rows.drop(gone, with_table=not dense)
+            if dense and holes.numel():
+                dec.move_rows(movers, holes)
+            done = [s for s, b in enumerate(slot_prompt) if left[b] == 0]
+            if done:                                                # their prompts give the slot up
+                stay = [s for s in range(len(slot_prompt)) if s not in done]
+                remap = torch.zeros(len(slot_prompt), dtype=torch.long, device=device)
+                remap[stay] = torch.arange(len(stay), device=device)
+                dec.move_prompt(stay, list(range(len(stay))))
+                slot_prompt = [slot_prompt[s] for s in stay]
+                rows.prompt[:rows.n] = remap[rows.prompt[:rows.n]]
+            t_max = int(rows.t[:rows.n].max()) if rows.n else 0
+        # every row about to write the first token of a page gets one; the newest rows give theirs up if none is free
+        need = (rows.t[:rows.n] % page == 0).nonzero().flatten() if not dense else None
+        while need is not None and len(free) < need.numel():
+            victim = int(rows.order[:rows.n].argmax())
+            redone += int(rows.t[victim])
+            stored -= int(rows.t[victim])
+            pending.insert(0, divmod(int(rows.id[victim]), G))
+            pending.sort(key=lambda bg: bg[0] * G + bg[1])         # back in prompt order
+            free.extend(p for p in rows.table[victim].tolist() if p)
+            rows.drop(torch.tensor([victim], device=device), with_table=True)
+            need = (rows.t[:rows.n] % page == 0).nonzero().flatten()
+            t_max = int(rows.t[:rows.n].max()) if rows.n else 0
+        n = rows.n
+        if not n:
+            continue
+        for r in (need.tolist() if need is not None else ()):
+            rows.table[r, int(rows.t[r]) // page] = free.pop()
+        stored += n                                                  # this step writes one token per row
+        peak = max(peak, sum(lp[b] for b in slot_prompt) + stored)
+        if rows.changed:                  # rows i = sample i % G of prompt slot i // G: no scatter in attention
+            canonical, rows.changed = n % G == 0 and rows.canonical(), False
+        t = rows.t[:n]
+        rows.h[:n] = dec.step(rows.tok[:n], rows.pos0[:n] + t, rows.prompt[:n], rows.g[:n], t, rows.table[:n],
+                              canonical, t_max)
+        t += 1
+        t_max += 1
+        row_steps += n
+    return out, lengths, peak, row_steps, redone
+
+
+def _static(model, batch, G, T, pad_id, budget, *, eos, W, banned, temperature, top_p, keys):
+    """The Hugging Face step (models the lean decoder does not cover), in static batches of as
+    many prompts as the budget holds (each prompt's cache repeated G times, as the Hugging Face
+    step needs); a batch runs until its longest row ends."""
+    from .batching import slice_prompts
+    B, n_img, Lp = batch["input_ids"].shape[0], _images_per_prompt(model, batch), batch["input_ids"].shape[1]
+    per_call = B if budget <= 0 else budget // (G * (Lp + T))
+    if per_call < 1:
+        raise ValueError(f"rollout.max_batch_tokens={budget} holds no prompt on the Hugging Face step "
+                         f"(G x (prompt + max_new_tokens) = {G * (Lp + T)}); raise it, or 0 for no bound")
+    outs, lens, peak, row_steps = [], [], 0, 0
+    for a in range(0, B, per_call):
+        e = min(a + per_call, B)
+        sub = slice_prompts(batch, a, e, n_img) if (a, e) != (0, B) else batch
+        pos, next_pos = prompt_positions(model, sub)
+        last, cache = prefill(model, sub, pos, reserve=T)                        # [b, H]
+        cache.batch_repeat_interleave(G)
+        N = (e - a) * G
+        h = last.repeat_interleave(G, dim=0)                                     # [N, H]
+        next_pos = next_pos.repeat_interleave(G)
+        attn = sub["attention_mask"].repeat_interleave(G, dim=0)                 # [N, Lp]
+        Lp = attn.shape[1]
+        attn = torch.cat([attn, attn.new_ones(N, T)], dim=1)                     # [N, Lp + T], allocated once
+        out = torch.full((N, T), pad_id, dtype=torch.long, device=h.device)
+        lengths = torch.full((N,), T, dtype=torch.long, device=h.device)
+        done = torch.zeros(N, dtype=torch.bool, device=h.device)
+        ks = keys[a * G:e * G]
+        for t in range(T):
+            tok = _next_tokens(h, W, banned, temperature, top_p, ks, t, check=t == 0)
+            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+            out[:, t] = tok
+            hit = torch.isin(tok, eos) & ~done
+            lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)
+            done |= hit
+            peak = max(peak, int(sub["attention_mask"].sum()) * G + N * (t + 1))
+            if bool(done.all()) or t == T - 1:
+                break
             h = step(model, tok[:, None], attn[:, :Lp + t + 1], continuation_positions(model, next_pos, 1, offset=t),
                      cache)[:, -1]
-    T = int(lengths.max())
-    return Rollout(out[:, :T].contiguous(), lengths, group_size)
+            row_steps += N
+        outs.append(out)
+        lens.append(lengths)
+    return torch.cat(outs), torch.cat(lens), peak, row_steps, 0
