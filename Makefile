@@ -59,6 +59,7 @@ $(BENCH_STAMP): pyproject.toml
 bench: $(STAMP) $(BENCH_STAMP)
 	$(PY) bench/bench_reward.py
 	$(PY) bench/bench_rollout.py
+	$(PY) bench/bench_rollout_skewed.py
 	$(PY) bench/bench_logprobs.py
 	$(PY) bench/bench_phases.py
 	$(BENCH_VENV)/bin/python bench/bench_grpo_vs_trl.py

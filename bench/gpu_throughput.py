@@ -118,7 +118,7 @@ def main():
     batch = prompts(policy, args.prompts, args.text_len, args.grid, dev)
     n_img = [1] * args.prompts
     amp = lambda: torch.autocast(dev.type, dtype=torch.bfloat16)
-    G, times, tokens, t_roll, n_new = args.group, [], [], [], []
+    G, times, tokens, t_roll, t_ref, n_new = args.group, [], [], [], [], []
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for step in range(args.warmup + args.steps):
         sync()
@@ -134,17 +134,20 @@ def main():
         rewards = torch.rand(ids.shape[0], generator=torch.Generator().manual_seed(step))
         adv = group_advantages(rewards, G).to(dev)
         n_tok = mask.sum()
+        splits = [(a, min(a + args.micro_prompts, args.prompts)) for a in range(0, args.prompts, args.micro_prompts)]
+        with amp(), torch.no_grad():                             # the reference pass, whole groups per forward
+            ref_logp = torch.cat([completion_logprobs(ref, sub_batch(batch, a, b, args.grid), ids[a * G:b * G],
+                                                      mask[a * G:b * G], G) for a, b in splits])
+        sync()
+        t2 = time.perf_counter()
         policy.train()
-        for a in range(0, args.prompts, args.micro_prompts):    # whole groups per forward/backward
-            b = min(a + args.micro_prompts, args.prompts)
+        for a, b in splits:                                      # the update: whole groups per forward/backward
             mb = sub_batch(batch, a, b, args.grid)
             rows = slice(a * G, b * G)
             m = mask[rows]
-            with amp(), torch.no_grad():
-                ref_logp = completion_logprobs(ref, mb, ids[rows], m, G)
             with amp():
                 logp = completion_logprobs(policy, mb, ids[rows], m, G)
-            per_tok = policy_loss(logp, logp.detach(), adv[rows], m) + 0.01 * kl_penalty(logp, ref_logp) * m
+            per_tok = policy_loss(logp, logp.detach(), adv[rows], m) + 0.01 * kl_penalty(logp, ref_logp[rows]) * m
             (per_tok * m).sum().div(n_tok).backward()                         # token-mean over the step
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
@@ -153,19 +156,24 @@ def main():
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             t_roll.append(t1 - t0)
+            t_ref.append(t2 - t1)
             n_new.append(int(mask.sum()))
             tokens.append(int(mask.sum()) + int(batch["attention_mask"].sum()))
     n_params = sum(p.numel() for p in policy.parameters())
     n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     t, tok = statistics.median(times), statistics.median(tokens)
+    tr, tf = statistics.median(t_roll), statistics.median(t_ref)
+    tu = t - tr - tf
     flops = (6 * n_train + 2 * n_params + 2 * n_params) * tok  # update (fwd+bwd), reference, rollout
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    mfu = lambda f, s: f", MFU {100 * f / s / (peak * 1e12):.1f}%" if peak else ""     # noqa: E731
     print(f"gpu_throughput: {name}, {n_params / 1e9:.2f} B parameters ({attn}), {args.prompts} prompts x {G}, "
           f"{args.tokens} new tokens: {t:.2f} s/step, {tok / t:,.0f} tokens/s/GPU per full step"
-          + f" (rollout {statistics.median(t_roll):.2f} s at {statistics.median(n_new) / statistics.median(t_roll):,.0f} "
-          f"new tokens/s, reference + update {t - statistics.median(t_roll):.2f} s)"
-          + (f", MFU {100 * flops / t / (peak * 1e12):.1f}% of {peak:.0f} TFLOP/s bf16" if peak else ""))
+          + mfu(flops, t) + (f" of {peak:.0f} TFLOP/s bf16" if peak else ""))
+    print(f"gpu_throughput phases: rollout {tr:.2f} s ({statistics.median(n_new) / tr:,.0f} new tokens/s), "
+          f"reference {tf:.2f} s, update {tu:.2f} s{mfu(6 * n_train * tok, tu)} (update MFU: 6 x trainable "
+          "parameters x tokens)")
 
 
 if __name__ == "__main__":

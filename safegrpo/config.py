@@ -184,6 +184,8 @@ class TrainConfig:
     eval_limit: int = opt(0, ge(0))             # test records for validation and the before/after evaluations; 0 = all
     device: str = opt("cpu", lambda v: None if v.split(":")[0] in ("cpu", "cuda") else "must be cpu, cuda or cuda:N")
     threads: int = opt(0, ge(0))                # torch threads on CPU; 0 = leave as is
+    check_memory: bool = opt(True)              # print the memory plan at start-up and stop when a phase does not
+                                                # fit the device (memory.py; an estimate)
 
 
 @dataclass

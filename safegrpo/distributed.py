@@ -143,12 +143,17 @@ class Forward(nn.Module):
         return self.fn(self.model, *args, **kw)
 
 
-def shard(wrapper: Forward, reshard_after_forward: bool = True) -> Forward:
-    """FSDP2: one unit per decoder layer, the rest of the model in the root unit on `wrapper`."""
-    from torch.distributed.fsdp import fully_shard
+def shard(wrapper: Forward, reshard_after_forward: bool = True, mixed_precision: bool = False) -> Forward:
+    """FSDP2: one unit per decoder layer, the rest of the model in the root unit on `wrapper`.
+    mixed_precision: parameters gathered as bf16 copies of the (fp32) shards, gradients reduced
+    in fp32: the rollout, the no-gradient passes and the update compute in bf16, the optimizer
+    keeps fp32 master weights, and a gathered copy costs half the memory."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} \
+        if mixed_precision else {}
     for layer in decoder_layers(wrapper.model):
-        fully_shard(layer, reshard_after_forward=reshard_after_forward)
-    fully_shard(wrapper, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kw)
+    fully_shard(wrapper, reshard_after_forward=reshard_after_forward, **kw)
     return wrapper
 
 

@@ -35,6 +35,7 @@ from .data.samplers import make_sampler, prompt_seed
 from .data.tiny_model import build_tiny_model_dir
 from .eval.metrics import evaluate as evaluate_model, generate_completions, score
 from .files import atomic_path, write_atomic
+from .memory import MemoryPlan, device_memory, model_size, plan_memory
 from .model import disable_dropout, load_model, load_processor, max_pixels, resolve_model_path
 from .optim import NonFiniteError, autocast, check_finite, make_optimizer
 from .rl.batching import micro_batches, slice_prompts, split_to
@@ -197,6 +198,7 @@ class Trainer:
         their states when resuming."""
         c, tr = self.cfg, self.cfg.train
         ckpt = self.resume_from
+        self.plan_memory(init_path)
         self.policy = disable_dropout(self.load_model(ckpt or init_path))   # old, reference and new log-probs alike
         if dist.is_main():
             print(f"[rollout] decode path: {decode_path(self.policy)}")
@@ -214,10 +216,10 @@ class Trainer:
         # our forward code runs inside these modules, so that FSDP2's root hooks wrap it
         self.policy_fwd = dist.Forward(self.policy, dist.logprobs_all_params)
         self.ref_fwd = dist.Forward(self.ref, completion_logprobs) if self.ref is not None else None
-        if dist.active():
-            dist.shard(self.policy_fwd)
+        if dist.active():                 # bf16 autocast: FSDP2 gathers bf16 copies of the fp32 shards
+            dist.shard(self.policy_fwd, mixed_precision=c.model.autocast == "bf16")
             if self.ref_fwd is not None:
-                dist.shard(self.ref_fwd)
+                dist.shard(self.ref_fwd, mixed_precision=c.model.autocast == "bf16")
         # the schedule steps once per optimizer update; warm-up and decay are given in GRPO steps
         n = self.updates_per_step = tr.prompts_per_step // tr.mini_batch_prompts
         self.opt, self.sched = make_optimizer(self.policy, c.optim.lr, c.optim, c.optim.warmup_steps * n, tr.steps * n,
@@ -235,6 +237,25 @@ class Trainer:
             self._truncate_metrics(self.start_step)
             if ckpt is not None:
                 print(f"[resume] from {ckpt} (step {self.start_step})")
+
+    def plan_memory(self, path) -> MemoryPlan | None:
+        """The memory plan of this config and model (memory.py), printed by rank 0; stops with
+        MemoryPlanError when a phase would not fit (train.check_memory)."""
+        from transformers import AutoConfig
+        dir_, gguf = resolve_model_path(path)
+        try:
+            model_config = AutoConfig.from_pretrained(dir_, gguf_file=gguf, trust_remote_code=self.cfg.model.trust_remote_code)
+            size = model_size(model_config, self.cfg.grpo.freeze_vision_tower)
+        except Exception as e:           # an architecture the meta-device count cannot build: no plan
+            if dist.is_main():
+                print(f"[memory] no plan ({type(e).__name__}: {e})")
+            return None
+        plan = plan_memory(self.cfg, size, dist.world_size(), device_memory(self.device))
+        if dist.is_main():
+            print(f"[memory] {plan.table()}")
+        if self.cfg.train.check_memory:
+            plan.check()
+        return plan
 
     # ----------------------------------------------------------------------------- one step
     def layout(self, step: int) -> Layout:
@@ -319,6 +340,7 @@ class Trainer:
             sums["grad_norm"] += gn.item() / len(passes)
             self.opt.step()
             self.sched.step()
+        self.opt.zero_grad(set_to_none=True)  # no gradients held through the next rollout
         if dist.active():
             keys = ("loss", "clipped", "kl", "entropy")
             sums.update(zip(keys, dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()))

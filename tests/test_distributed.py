@@ -160,3 +160,18 @@ dist.shutdown()
     res = json.loads((tmp_path / "adv.json").read_text())
     assert res["two"] == pytest.approx(res["one"], abs=1e-6)
     assert res["local"] != pytest.approx(res["one"], abs=1e-3)        # per-rank std would differ
+
+
+def test_bf16_autocast_shards_with_mixed_precision(tmp_path, tiny_model_dir, synth_dir):
+    """model.autocast bf16 under torchrun: FSDP2 gathers bf16 copies of the fp32 shards (half the
+    memory of a gathered copy) and reduces gradients in fp32; the run trains and saves fp32."""
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{
+        "model.autocast": "bf16", "data.test": "", "train.steps": 2, "train.prompts_per_step": 4,
+        "train.mini_batch_prompts": 2, "train.micro_batch_prompts": 1, "train.save_every": 2,
+        "grpo.beta": 0.04, "grpo.entropy_coef": 0.01, "optim.lr": 1e-3})
+    run(cfg, 2, tmp_path / "two", timeout=240)
+    w, init = weights(tmp_path / "two", 2), load_file(tiny_model_dir / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in w.values())
+    assert max((w[k] - init[k]).abs().max().item() for k in w) > 1e-4
+    rows = [json.loads(l) for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r[k])) for r in rows for k in ("loss", "kl", "entropy", "grad_norm"))

@@ -61,3 +61,22 @@ def test_lean_decode_step_on_gpu(tiny_model_dir, synth_dir):
     batch = {k: v.cuda() for k, v in encode_prompts(proc, load_parquet(synth_dir / "test.parquet", limit=4),
                                                     "compact").items()}
     assert _compare_steps(model, batch, G=4) < 1e-4
+
+
+def test_continuous_engine_on_gpu_matches_the_static_step(tiny_model_dir, synth_dir):
+    """The continuous-batching engine (paged and dense) on CUDA: the tokens of the static Hugging
+    Face step, greedy and sampled, with the budget respected."""
+    model = load_model(tiny_model_dir, device="cuda").eval()
+    proc = load_processor(tiny_model_dir)
+    batch = {k: v.cuda() for k, v in encode_prompts(proc, load_parquet(synth_dir / "test.parquet", limit=6),
+                                                    "compact").items()}
+    stops = [model.generation_config.eos_token_id] + list(range(200, 230))
+    kw = dict(group_size=3, max_new_tokens=24, eos_token_id=stops, pad_token_id=proc.tokenizer.pad_token_id,
+              seeds=[1, 2, 3, 4, 5, 6])
+    Lp = batch["input_ids"].shape[1]
+    for temperature in (0.0, 1.0):
+        ref = generate(model, batch, lean=False, temperature=temperature, **kw)
+        for budget in (Lp + 32, 3 * Lp + 96, 0):
+            ro = generate(model, batch, max_batch_tokens=budget, temperature=temperature, **kw)
+            assert torch.equal(ro.completion_ids, ref.completion_ids) and torch.equal(ro.lengths, ref.lengths)
+            assert budget == 0 or ro.peak_cached_tokens <= budget

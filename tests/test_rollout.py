@@ -213,3 +213,28 @@ def test_other_qwen_vl_families(family, tmp_path, synth_dir):
     getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     ckpt = token_logprobs(completion_hidden(model, batch, ids, mask, G), lm_head_weight(model), ids)
     assert torch.allclose(ckpt * mask, ours * mask, atol=1e-5)
+
+
+def test_checkpointed_update_runs_each_prompt_once(tiny_model_dir, synth_dir):
+    """Under gradient checkpointing the prompt-once path holds: the Hugging Face layers see each
+    prompt once (B x Lp tokens), not G copies of it, and log-probs and gradients are those of the
+    uncheckpointed path."""
+    model, proc = load_model(tiny_model_dir), load_processor(tiny_model_dir)
+    batch = encode_prompts(proc, load_parquet(synth_dir / "test.parquet", limit=3), "compact")
+    G = 4
+    ro = gen(model.eval(), batch, G, 12, seed=5)
+    ids, mask = ro.completion_ids, ro.mask
+    seen = []
+    hook = model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[:2]), with_kwargs=True)
+    model.train()
+    plain = token_logprobs(completion_hidden(model, batch, ids, mask, G), lm_head_weight(model), ids) * mask
+    g_plain, = torch.autograd.grad(plain.sum(), model.model.language_model.layers[1].mlp.up_proj.weight)
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    seen.clear()
+    ckpt = token_logprobs(completion_hidden(model, batch, ids, mask, G), lm_head_weight(model), ids) * mask
+    g_ckpt, = torch.autograd.grad(ckpt.sum(), model.model.language_model.layers[1].mlp.up_proj.weight)
+    hook.remove()
+    B, Lp = batch["input_ids"].shape
+    assert [tuple(s) for s in seen] == [(B, Lp)]                  # one prefill of the B prompts, nothing else
+    assert torch.allclose(ckpt, plain, atol=1e-6) and torch.allclose(g_ckpt, g_plain, atol=1e-6)

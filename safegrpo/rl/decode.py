@@ -71,7 +71,7 @@ def lean_unsupported(model) -> str | None:
         return f"{rot.rope_type} RoPE (changes with the length)"
     try:
         from torch.distributed.tensor import DTensor
-        if isinstance(tm.embed_tokens.weight, DTensor):
+        if any(isinstance(w, DTensor) for w in (tm.embed_tokens.weight, tm.layers[0].self_attn.q_proj.weight)):
             return "parameters are sharded (FSDP2, not gathered)"
     except ImportError:
         pass

@@ -10,10 +10,14 @@ that cache G times, and run only the completions on top of it:
 
 This is exact (the same attention as the concatenated sequence) and differentiable: the update
 backpropagates through the repeated cache into the prompt pass. It saves (G-1)/G of the prompt
-compute in every phase. Exception: a model in training mode with Hugging Face's gradient
-checkpointing on, which drops the cache; `full_sequence_hidden` then runs each prompt with its
-completions as one sequence (exact, G copies of the prompt). The LM head is applied separately (fused log-probs, logprobs.py), so
-prompt logits are never computed.
+compute in every phase. For the models the lean decoder covers, `lean_completion_hidden` runs the
+completions through the layers' own weights (bit-identical to the Hugging Face step in the
+tests), which also works under gradient checkpointing: each layer is checkpointed with its
+prompt keys and values as inputs, so the prompt is still computed once. Other models under
+Hugging Face's checkpointing (which drops the cache) take `full_sequence_hidden`: each prompt with
+its completions as one sequence (exact, G copies of the prompt); so do models sharded by FSDP2
+outside a gathered context. The LM head is applied separately (fused log-probs, logprobs.py),
+so prompt logits are never computed.
 
 Positions: Qwen-VL models use 3D rotary positions (`model.model.get_rope_index`); text after the
 prompt continues at max(prompt positions) + 1. Plain causal LMs use 1D positions that skip
@@ -23,6 +27,7 @@ left padding. Works for any model whose `model.model(...)` accepts `position_ids
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -140,7 +145,10 @@ def completion_hidden(model, batch: dict, completion_ids: torch.Tensor, completi
     by prompt (rows g*G .. g*G+G-1 belong to prompt g). Entry t is the hidden state at the
     position before completion token t (the last prompt position for t = 0).
     """
-    if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+    from .decode import lean_supported
+    if lean_supported(model):             # our layer math: the prompt once, also under checkpointing
+        return lean_completion_hidden(model, batch, completion_ids, completion_mask, group_size)
+    if _checkpointing(model):             # Hugging Face's checkpointing drops the cache: G prompt copies
         return full_sequence_hidden(model, batch, completion_ids, completion_mask, group_size)
     pos, next_pos = prompt_positions(model, batch)
     last, cache = prefill(model, batch, pos)                                  # [B, H]
@@ -154,6 +162,87 @@ def completion_hidden(model, batch: dict, completion_ids: torch.Tensor, completi
         h = step(model, completion_ids[:, :-1], mask, cpos, cache)             # [B*G, T-1, H]
         return torch.cat([last.repeat_interleave(group_size, dim=0)[:, None], h], dim=1)
     return last.repeat_interleave(group_size, dim=0)[:, None]
+
+
+def _checkpointing(model) -> bool:
+    return model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+class _no_layer_checkpointing:
+    """Context: the given modules (the text model and its decoder layers) run without Hugging
+    Face's gradient checkpointing, which would drop the cache; restored on exit."""
+
+    def __init__(self, layers):
+        self.layers = [m for m in layers if getattr(m, "gradient_checkpointing", False)]
+
+    def __enter__(self):
+        for m in self.layers:
+            m.gradient_checkpointing = False
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m.gradient_checkpointing = True
+        return False
+
+
+def _completion_layer(layer, x, Kp, Vp, prompt_ok, cos, sin, G: int, scaling: float):
+    """One decoder layer over completion tokens x [N, T, H] (N = B*G rows) attending to their
+    prompt's keys and values Kp, Vp [B, kvh, Lp, d] (padding: prompt_ok [B, Lp] False) and,
+    causally, to each other; cos, sin [N, T, d]. The layers' own weights, Hugging Face's math."""
+    from .decode import _rms_norm, _rotate_half
+    a, mlp = layer.self_attn, layer.mlp
+    N, T, _ = x.shape
+    d = Kp.shape[-1]
+    h = _rms_norm(x, layer.input_layernorm)
+    q = a.q_proj(h).view(N, T, -1, d)                                            # [N, T, heads, d]
+    k = a.k_proj(h).view(N, T, -1, d)                                            # [N, T, kvh, d]
+    v = a.v_proj(h).view(N, T, -1, d)
+    if hasattr(a, "q_norm"):                                                     # Qwen3: per-head RMSNorm
+        q, k = _rms_norm(q, a.q_norm), _rms_norm(k, a.k_norm)
+    q = (q * cos[:, :, None] + _rotate_half(q) * sin[:, :, None]).transpose(1, 2)   # [N, heads, T, d]
+    k = (k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]).transpose(1, 2)   # [N, kvh, T, d]
+    v = v.transpose(1, 2)
+    K = torch.cat([Kp.repeat_interleave(G, 0), k.to(Kp.dtype)], 2)              # [N, kvh, Lp + T, d]
+    V = torch.cat([Vp.repeat_interleave(G, 0), v.to(Vp.dtype)], 2)
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    ok = torch.cat([prompt_ok.repeat_interleave(G, 0)[:, None, :].expand(N, T, -1), causal.expand(N, T, T)], 2)
+    out = F.scaled_dot_product_attention(q, K.to(q.dtype), V.to(q.dtype), attn_mask=ok[:, None], scale=scaling,
+                                         enable_gqa=True)                       # [N, heads, T, d]
+    x = x + a.o_proj(out.transpose(1, 2).reshape(N, T, -1))
+    h = _rms_norm(x, layer.post_attention_layernorm)
+    return x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
+
+
+def lean_completion_hidden(model, batch: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                           group_size: int) -> torch.Tensor:
+    """`completion_hidden` for the models the lean decoder covers, with autograd: the prompt
+    (and its images) through the Hugging Face forward once, then the completions through the
+    decoder layers' own weights, each layer attending to its prompt's cache. Under gradient
+    checkpointing each layer is checkpointed with the prompt's keys and values as inputs, so the
+    prompt is still computed once, not G times. Returns [B*G, T, H]."""
+    from torch.utils.checkpoint import checkpoint
+    from .decode import _rms_norm, text_model
+    tm = text_model(model)
+    ckpt = _checkpointing(model)
+    pos, next_pos = prompt_positions(model, batch)
+    with _no_layer_checkpointing([tm, *tm.layers]):
+        last, cache = prefill(model, batch, pos)                              # [B, H], keys [B, kvh, Lp, d]
+    G, T = group_size, completion_ids.shape[1]
+    first = last.repeat_interleave(G, dim=0)[:, None]                           # [N, 1, H]
+    if T == 1:
+        return first
+    x = tm.embed_tokens(completion_ids[:, :-1])                                  # [N, T-1, H]
+    cpos = next_pos.repeat_interleave(G)[:, None] + torch.arange(T - 1, device=x.device)     # [N, T-1]
+    rot = tm.rotary_emb
+    freqs = cpos.float()[..., None] * rot.inv_freq.float()                      # [N, T-1, d/2]
+    emb = torch.cat((freqs, freqs), -1) * float(getattr(rot, "attention_scaling", 1.0))
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    ok = batch["attention_mask"].bool()
+    scaling = float(getattr(tm.layers[0].self_attn, "scaling", cache.layers[0].keys.shape[-1] ** -0.5))
+    for layer, cl in zip(tm.layers, cache.layers):
+        args = (layer, x, cl.keys, cl.values, ok, cos, sin, G, scaling)
+        x = checkpoint(_completion_layer, *args, use_reentrant=False) if ckpt else _completion_layer(*args)
+    return torch.cat([first, _rms_norm(x, tm.norm)], dim=1)
 
 
 def full_sequence_hidden(model, batch: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,

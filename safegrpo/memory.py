@@ -1,0 +1,146 @@
+"""The memory plan: bytes per rank a resolved config needs, estimated before any weight is loaded.
+
+With W ranks (FSDP2 shards every parameter), N parameters (N_t trainable, N_l in the decoder
+layers), b the bytes of model.dtype, L layers, H hidden, I MLP width, V vocabulary:
+
+    weights      N b / W              the policy's (master) parameters
+    optimizer    2 N_t b / W          AdamW's two moments, in the parameters' dtype
+    reference    N b / W              when beta > 0
+    gradients    N_t b / W            during the update (freed after each step's last update)
+    gathered     N b_g                during the rollout and the no-gradient passes, under torchrun:
+                                      a full copy (b_g = 2 under bf16 mixed precision); on one
+                                      process, under bf16 autocast, the decoder's bf16 copy N_l 2
+    KV cache     K (L kvh d (b_k + b_v))   K = rollout.max_batch_tokens, or every prompt and row at once
+    activations  per forward/backward pass of S tokens (train.micro_batch_tokens, else
+                 micro_batch_prompts x (max prompt + G x max new)), b_a = 2 under bf16, else 4:
+                 checkpointed: L S H b_a (layer inputs) + S (6H + 3I) b_a (one layer recomputed);
+                 otherwise: L S (6H + 3I) b_a
+    log-probs    C V 4 x 2 (a chunk of logits and its exponentials) + V H 4 when the LM head is
+                 not fp32 (its fp32 copy)
+
+The rollout phase holds weights, optimizer, reference, gathered and KV; the update phase holds
+weights, optimizer, reference, gradients, activations and log-probs. These are estimates (the
+allocator's fragmentation, the vision tower's activations and temporary buffers are not
+counted; `plan.check` keeps 10% of the device free for them). The trainer prints the plan at
+start-up and stops, naming the key to change, when a phase does not fit.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import Config
+
+GB = 1024 ** 3
+HEADROOM = 0.9                            # of the device, for what the estimate leaves out
+
+
+class MemoryPlanError(RuntimeError):
+    """The resolved config does not fit the device's memory; the message names the key to change."""
+
+
+@dataclass
+class ModelSize:
+    params: int                           # N
+    trainable: int                        # N_t
+    layer_params: int                     # N_l, the decoder layers
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    kv_heads: int
+    head_dim: int
+
+
+def model_size(model_config, freeze_vision: bool = False) -> ModelSize:
+    """Parameter counts of the model a Hugging Face config describes, from a meta-device build
+    (no memory, no weights), and the text stack's shape."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    cls = AutoModelForImageTextToText if hasattr(model_config, "vision_config") else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = cls.from_config(model_config)
+    n = sum(p.numel() for p in model.parameters())
+    vision = sum(p.numel() for n_, p in model.named_parameters() if "visual" in n_)
+    layers = sum(p.numel() for n_, p in model.named_parameters() if ".layers." in n_ and "visual" not in n_)
+    t = model_config.get_text_config()
+    heads = t.num_attention_heads
+    return ModelSize(n, n - vision if freeze_vision else n, layers, t.num_hidden_layers, t.hidden_size,
+                     t.intermediate_size, t.vocab_size, getattr(t, "num_key_value_heads", heads),
+                     getattr(t, "head_dim", None) or t.hidden_size // heads)
+
+
+@dataclass
+class MemoryPlan:
+    items: dict = field(default_factory=dict)       # name -> bytes per rank
+    rollout: int = 0
+    update: int = 0
+    device: int = 0
+    kv_tokens: int = 0
+    pass_tokens: int = 0
+
+    def table(self) -> str:
+        rows = [f"  {k:<12} {_size(v)}" for k, v in self.items.items()]
+        return "\n".join(["memory plan per rank (estimated):", *rows,
+                          f"  {'rollout':<12} {_size(self.rollout)}   (weights, optimizer, reference, gathered, KV)",
+                          f"  {'update':<12} {_size(self.update)}   (weights, optimizer, reference, gradients, "
+                          "activations, log-probs)",
+                          f"  {'device':<12} {_size(self.device)}   ({int(HEADROOM * 100)}% usable)"])
+
+    def check(self) -> None:
+        """Raise MemoryPlanError naming what to change when a phase does not fit."""
+        limit = HEADROOM * self.device
+        if self.rollout > limit:
+            raise MemoryPlanError(
+                f"the rollout needs ~{self.rollout / GB:.1f} GB per rank of {limit / GB:.1f} GB usable: lower "
+                f"rollout.max_batch_tokens (the KV cache takes {self.items['KV cache'] / GB:.1f} GB for "
+                f"{self.kv_tokens:,} tokens), or use more ranks\n{self.table()}")
+        if self.update > limit:
+            raise MemoryPlanError(
+                f"the update needs ~{self.update / GB:.1f} GB per rank of {limit / GB:.1f} GB usable: lower "
+                f"train.micro_batch_tokens (or train.micro_batch_prompts; now {self.pass_tokens:,} tokens per pass), "
+                f"set model.gradient_checkpointing, or use more ranks\n{self.table()}")
+
+
+def _size(n: int) -> str:
+    return f"{n / GB:8.2f} GB" if n >= GB / 10 else f"{n / 2 ** 20:8.2f} MB"
+
+
+def plan_memory(cfg: Config, size: ModelSize, world_size: int, device_bytes: int) -> MemoryPlan:
+    """The plan of the module docstring for `cfg` on `world_size` ranks of `device_bytes` each."""
+    W, m, r, t = world_size, cfg.model, cfg.rollout, cfg.train
+    b = 4 if m.dtype == "float32" else 2
+    bf16 = m.autocast == "bf16" or m.dtype == "bfloat16"
+    b_act = 2 if bf16 else 4
+    mixed = W > 1 and m.autocast == "bf16"              # FSDP2 gathers bf16 copies (distributed.shard)
+    N, Nt = size.params, size.trainable
+    items = {"weights": N * b // W, "optimizer": 2 * Nt * b // W,
+             "reference": N * b // W if cfg.grpo.beta > 0 else 0, "gradients": Nt * b // W}
+    if W > 1:
+        items["gathered"] = N * (2 if mixed else b)
+    else:
+        items["gathered"] = size.layer_params * 2 if m.autocast == "bf16" and b == 4 else 0
+    b_k = 2 if (mixed or b == 2) else 4                  # RoPE'd keys keep the hidden states' dtype
+    b_v = 2 if bf16 else 4
+    per_rank_prompts = t.prompts_per_step // W
+    kv_tokens = r.max_batch_tokens or per_rank_prompts * (cfg.data.max_prompt_length + r.group_size * r.max_new_tokens)
+    items["KV cache"] = kv_tokens * size.layers * size.kv_heads * size.head_dim * (b_k + b_v)
+    pass_tokens = t.micro_batch_tokens or t.micro_batch_prompts * (cfg.data.max_prompt_length
+                                                                   + r.group_size * r.max_new_tokens)
+    layer_work = pass_tokens * (6 * size.hidden + 3 * size.intermediate) * b_act
+    items["activations"] = (size.layers * pass_tokens * size.hidden * b_act + layer_work
+                            if m.gradient_checkpointing else size.layers * layer_work)
+    chunk = max(16, (2 ** 28 if t.device.startswith("cuda") else 2 ** 25) // size.vocab)
+    items["log-probs"] = chunk * size.vocab * 4 * 2 + (size.vocab * size.hidden * 4 if b != 4 or mixed else 0)
+    base = items["weights"] + items["optimizer"] + items["reference"]
+    rollout = base + items["gathered"] + items["KV cache"]
+    update = base + items["gradients"] + items["activations"] + items["log-probs"]
+    return MemoryPlan(items, rollout, update, device_bytes, kv_tokens, pass_tokens)
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory of `device` (a GPU's total memory, or the machine's RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index or 0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
