@@ -22,8 +22,13 @@ setup: $(STAMP)
 # runs/tiny belongs to `make train`: a second `make train` starts it afresh (--overwrite deletes
 # that run's own files only); pass TRAIN_ARGS=--resume to continue it instead
 TRAIN_ARGS ?= --overwrite
+# `make train SEED=n`: the same recipe from another seed (model init, warm start, sampling), in
+# runs/tiny_seed<n> with its own tiny model folder, so seeds can run side by side
+SEED ?=
+SEED_ARGS := $(if $(SEED),--set train.seed=$(SEED) --set train.out_dir=runs/tiny_seed$(SEED) \
+	--set model.tiny_dir=data/tiny_model_seed$(SEED))
 train: $(STAMP)
-	$(PY) train.py --config $(CONFIG) $(TRAIN_ARGS)
+	$(PY) train.py --config $(CONFIG) $(SEED_ARGS) $(TRAIN_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
@@ -62,6 +67,7 @@ bench: $(STAMP) $(BENCH_STAMP)
 	$(PY) bench/bench_rollout_skewed.py
 	$(PY) bench/bench_logprobs.py
 	$(PY) bench/bench_phases.py
+	$(PY) bench/lora_memory.py
 	$(BENCH_VENV)/bin/python bench/bench_grpo_vs_trl.py
 	@echo "figures: bench/results.json"
 

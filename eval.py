@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint (any Hugging Face model directory) on SafeTag and real safety benchmarks.
+"""Evaluate a checkpoint (any Hugging Face model directory, or a LoRA checkpoint: its base model with
+the adapter merged) on SafeTag and real safety benchmarks.
 
     python eval.py                                   # latest checkpoint of configs/tiny.yaml's run,
                                                      # SafeTag-Synth test + every sample in ../shared/benchmarks
@@ -24,6 +25,7 @@ from safegrpo.checkpoint import latest_checkpoint
 from safegrpo.config import load_config
 from safegrpo.eval.metrics import benchmark_table, category_table, evaluate
 from safegrpo.files import write_atomic
+from safegrpo.lora import is_adapter_dir
 from safegrpo.model import load_model, load_processor
 from safegrpo.data.synth import synth_ready
 
@@ -99,7 +101,7 @@ def main(argv=None):
 
     ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(Path(cfg.train.out_dir) / "checkpoints")
     for c in filter(None, [ckpt, Path(args.compare) if args.compare else None]):
-        if not (c / "config.json").is_file():
+        if not ((c / "config.json").is_file() or is_adapter_dir(c)):
             print(f"no model directory at {c}; run `make train` first or pass --checkpoint", file=sys.stderr)
             return 2
     if ckpt is None:

@@ -1,6 +1,7 @@
 """Train a vision-language model with SafeGRPO.
 
     python train.py --config configs/tiny.yaml [--set key=value ...] [--resume]
+    python train.py --export-merged runs/x/checkpoints/step_N OUT_DIR   (a LoRA checkpoint as a plain model)
     torchrun --nproc_per_node N train.py --config ...      (FSDP2 over N processes, see distributed.py)
 
 Steps: generate/load data, build or load the model, optional warm-start SFT, greedy evaluation
@@ -23,12 +24,24 @@ from safegrpo.trainer import NonFiniteError, Trainer
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True)
+    ap.add_argument("--config")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--resume", action="store_true", help="continue from the last intact checkpoint in train.out_dir")
     ap.add_argument("--overwrite", action="store_true",
                     help="delete the run already in train.out_dir (its files only) and start again")
+    ap.add_argument("--export-merged", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"),
+                    help="write a LoRA checkpoint as a Hugging Face model directory with the adapter merged, and exit")
     args = ap.parse_args(argv)
+    if args.export_merged:
+        from safegrpo.lora import export_merged, is_adapter_dir
+        ckpt, out = args.export_merged
+        if not is_adapter_dir(ckpt):
+            print(f"[error] {ckpt} is not a LoRA checkpoint (no adapter_config.json)", file=sys.stderr)
+            return 2
+        print(f"merged model: {export_merged(ckpt, out)}")
+        return 0
+    if not args.config:
+        ap.error("--config is required")
     try:
         cfg = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as e:

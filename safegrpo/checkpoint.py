@@ -2,6 +2,7 @@
 
     checkpoints/step_N/
         config.json, model.safetensors, tokenizer/processor files   (from_pretrained loads this)
+          (with LoRA instead: adapter_config.json, adapter_model.safetensors; see lora.py)
         optimizer.safetensors     AdamW moments, flattened to named tensors
         rng.safetensors           torch CPU RNG state (rollouts draw from per-prompt seeds)
         trainer_state.json        step, sampler position, scheduler, optimizer param groups, extras
@@ -31,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from . import distributed as dist
 from .config import Config, config_from_dict, differences
 from .files import atomic_path
+from .lora import ADAPTER_WEIGHTS, adapter_state, save_adapter
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 STATE_FILES = ("trainer_state.json", "optimizer.safetensors", "rng.safetensors")
@@ -77,16 +79,21 @@ def _unflatten_optimizer(model, opt: torch.optim.Optimizer, tensors: dict, group
         opt.load_state_dict(sd)
 
 
-def save_checkpoint(ckpt_root, step: int, model, processor, optimizer, state: dict) -> Path:
+def save_checkpoint(ckpt_root, step: int, model, processor, optimizer, state: dict, adapter=None) -> Path:
     """Write checkpoints/step_{step} atomically; returns its path. Under torchrun every rank must
-    call it (the full model and optimizer states are gathered); rank 0 writes."""
+    call it (the full model and optimizer states are gathered); rank 0 writes. adapter=(LoRA
+    settings, base model path): the adapter alone is written (lora.py), not the model."""
     root = Path(ckpt_root)
     final = root / f"step_{step}"
     weights = dist.full_state_dict(model) if dist.active() else None
     tensors, groups = _flatten_optimizer(model, optimizer)
     if dist.is_main():
         with atomic_path(final) as tmp:                      # .step_N.tmp-PID until complete
-            model.save_pretrained(tmp, state_dict=weights)
+            if adapter is not None:
+                tmp.mkdir(parents=True)
+                save_adapter(tmp, adapter_state(weights if weights is not None else model.state_dict()), *adapter)
+            else:
+                model.save_pretrained(tmp, state_dict=weights)
             if processor is not None:
                 processor.save_pretrained(tmp)
             save_file(tensors, tmp / "optimizer.safetensors")
@@ -115,7 +122,7 @@ def latest_checkpoint(ckpt_root) -> Path | None:
 
 def checkpoint_problem(ckpt: Path) -> str | None:
     """Why `ckpt` cannot be resumed from (the file and what is wrong with it), or None."""
-    weights = sorted(ckpt.glob("model*.safetensors"))
+    weights = sorted(ckpt.glob("model*.safetensors")) or sorted(ckpt.glob(ADAPTER_WEIGHTS))
     if not weights:
         return f"{ckpt / 'model.safetensors'}: missing"
     for f in [*weights, *(ckpt / n for n in STATE_FILES)]:

@@ -73,6 +73,16 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the text stack (peft, `pip install -e ".[lora]"`); rank 0 = off."""
+    rank: int = opt(0, ge(0))                   # r; > 0 trains adapters only, the reference is the adapter-free model
+    alpha: float = opt(16.0, gt(0.0))           # scaling alpha / r
+    dropout: float = opt(0.0, within(0.0, 1.0, hi_open=True))
+    target_modules: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                    lambda v: None if v else "must name at least one module")
+
+
+@dataclass
 class ModelConfig:
     path: str = opt("")                         # local HF model directory, a .gguf file or package:NAME;
                                                 # empty = build the tiny default into tiny_dir
@@ -83,6 +93,7 @@ class ModelConfig:
     attn_implementation: str = opt("")          # "" = flash_attention_2 on a GPU when importable, else sdpa
     trust_remote_code: bool = opt(False)        # run Python files shipped in the model folder (off: never)
     gradient_checkpointing: bool = opt(False)   # recompute activations in the update's backward
+    lora: LoraConfig = section(LoraConfig)
 
 
 @dataclass
@@ -142,6 +153,17 @@ class GRPOConfig:
     ptx_coef: float = opt(0.0, ge(0.0))         # > 0: add this x cross-entropy on warm-start demonstrations with
                                                 # their tag values masked (format anchor, as PPO-ptx; paper: 0)
     ptx_batch: int = opt(16, ge(1))             # demonstrations per optimizer update for ptx_coef
+    importance_level: Literal["token", "sequence"] = opt("token")   # token: GRPO's per-token ratio (eqs. 5-6);
+                                                # sequence: GSPO's sequence ratio (eq. 12) with seq_clip_*
+    seq_clip_low: float = opt(3e-4, within(0.0, 1.0, hi_open=True))   # GSPO's clip range (the paper's values)
+    seq_clip_high: float = opt(4e-4, ge(0.0))
+    filter_zero_std: bool = opt(False)          # DAPO dynamic sampling: groups whose rewards have no spread (no
+                                                # advantage) leave the update
+    oversample: float = opt(0.0, ge(0.0))       # with filter_zero_std: draw more prompts (up to (1 + this) x
+                                                # prompts_per_step in all) until prompts_per_step groups are informative
+    reward: str = opt("")                       # "" = the SafeGRPO rule; package.module:function with verl's
+                                                # custom-reward signature (rl/reward_fn.py)
+    reward_timeout_s: float = opt(0.0, ge(0.0))  # > 0: a plug-in call running longer is stopped and scores 0
 
 
 @dataclass
@@ -162,7 +184,11 @@ class SFTConfig:
     enabled: bool = opt(False)                  # warm-start on the training records' demonstrations first
     caption_steps: int = opt(0, ge(0))          # before that: caption pretraining (image -> "The image shows a X.")
     caption_lr: float = opt(1e-3, gt(0.0))
-    steps: int = opt(0, ge(0))                  # demonstration steps (the format, with random tags)
+    steps: int = opt(0, ge(0))                  # demonstration steps (the format)
+    tags: Literal["random", "per_modality", "gold"] = opt("random")   # the demonstrations' tags: random (an even coin:
+                                                # the format, no safety), per_modality (right visual and text
+                                                # tags, combined = unsafe if either is: misses compositional
+                                                # risks), gold (supervised)
     batch_size: int = opt(32, ge(1))
     lr: float = opt(1e-3, gt(0.0))
     warmup_steps: int = opt(20, ge(0))
@@ -186,6 +212,10 @@ class TrainConfig:
     threads: int = opt(0, ge(0))                # torch threads on CPU; 0 = leave as is
     check_memory: bool = opt(True)              # print the memory plan at start-up and stop when a phase does not
                                                 # fit the device (memory.py; an estimate)
+    loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = opt(["jsonl"])   # metrics.jsonl always; also
+                                                # TensorBoard (pip install -e ".[tensorboard]"), W&B (".[wandb]",
+                                                # WANDB_MODE=offline works without a network)
+    wandb_project: str = opt("safegrpo")
 
 
 @dataclass
@@ -219,6 +249,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ValueError("data.test is set but data.train is empty (SafeTag-Synth brings its own test split)")
     if t.micro_batch_tokens and t.micro_batch_tokens < 2:
         raise ValueError("train.micro_batch_tokens must be 0 (off) or a token budget")
+    if cfg.grpo.oversample and not cfg.grpo.filter_zero_std:
+        raise ValueError("grpo.oversample draws more prompts to replace groups grpo.filter_zero_std drops: set both")
+    if len(set(t.loggers)) != len(t.loggers):
+        raise ValueError(f"train.loggers lists a logger twice: {t.loggers}")
     if t.eval_every and t.eval_every > t.steps:
         raise ValueError(f"train.eval_every ({t.eval_every}) is larger than train.steps ({t.steps})")
     from .safety.prompting import instruction_text       # a named style or a readable, non-empty file

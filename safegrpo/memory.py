@@ -1,11 +1,13 @@
 """The memory plan: bytes per rank a resolved config needs, estimated before any weight is loaded.
 
-With W ranks (FSDP2 shards every parameter), N parameters (N_t trainable, N_l in the decoder
+With W ranks (FSDP2 shards every parameter), N parameters (N_t trainable: with LoRA the
+adapters', `lora_params`; N_l in the decoder
 layers), b the bytes of model.dtype, L layers, H hidden, I MLP width, V vocabulary:
 
     weights      N b / W              the policy's (master) parameters
     optimizer    2 N_t b / W          AdamW's two moments, in the parameters' dtype
-    reference    N b / W              when beta > 0
+    reference    N b / W              when beta > 0 (none with LoRA: the reference is the policy
+                                      with its adapters off)
     gradients    N_t b / W            during the update (freed after each step's last update)
     gathered     N b_g                during the rollout and the no-gradient passes, under torchrun:
                                       a full copy (b_g = 2 under bf16 mixed precision); on one
@@ -52,6 +54,7 @@ class ModelSize:
     vocab: int
     kv_heads: int
     head_dim: int
+    heads: int = 0
 
 
 def model_size(model_config, freeze_vision: bool = False) -> ModelSize:
@@ -68,7 +71,16 @@ def model_size(model_config, freeze_vision: bool = False) -> ModelSize:
     heads = t.num_attention_heads
     return ModelSize(n, n - vision if freeze_vision else n, layers, t.num_hidden_layers, t.hidden_size,
                      t.intermediate_size, t.vocab_size, getattr(t, "num_key_value_heads", heads),
-                     getattr(t, "head_dim", None) or t.hidden_size // heads)
+                     getattr(t, "head_dim", None) or t.hidden_size // heads, heads)
+
+
+def lora_params(size: ModelSize, rank: int, targets) -> int:
+    """Adapter parameters of rank r on the named projections of every decoder layer: r (in + out)
+    each (projections other than the seven of a Qwen/Llama block are not counted)."""
+    H, I, q, kv = size.hidden, size.intermediate, size.heads * size.head_dim, size.kv_heads * size.head_dim
+    shapes = {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H),
+              "gate_proj": (H, I), "up_proj": (H, I), "down_proj": (I, H)}
+    return size.layers * sum(rank * sum(shapes[t]) for t in targets if t in shapes)
 
 
 @dataclass
@@ -114,9 +126,13 @@ def plan_memory(cfg: Config, size: ModelSize, world_size: int, device_bytes: int
     bf16 = m.autocast == "bf16" or m.dtype == "bfloat16"
     b_act = 2 if bf16 else 4
     mixed = W > 1 and m.autocast == "bf16"              # FSDP2 gathers bf16 copies (distributed.shard)
-    N, Nt = size.params, size.trainable
+    lora = m.lora.rank > 0
+    N = size.params
+    Nt = lora_params(size, m.lora.rank, m.lora.target_modules) if lora else size.trainable
+    if lora:
+        N += Nt                                          # the adapters join the weights
     items = {"weights": N * b // W, "optimizer": 2 * Nt * b // W,
-             "reference": N * b // W if cfg.grpo.beta > 0 else 0, "gradients": Nt * b // W}
+             "reference": (N - Nt if lora else N) * b // W if cfg.grpo.beta > 0 and not lora else 0, "gradients": Nt * b // W}
     if W > 1:
         items["gathered"] = N * (2 if mixed else b)
     else:

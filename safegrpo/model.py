@@ -119,8 +119,12 @@ def load_model(path, dtype=torch.float32, attn_implementation: str | None = None
                device="cpu"):
     """A Hugging Face model from a local directory: image-text-to-text if it has vision, else causal LM.
     Weights are read from safetensors only (a directory with just pytorch_model.bin is refused);
-    remote code runs only with trust_remote_code=True."""
+    remote code runs only with trust_remote_code=True. A LoRA checkpoint (adapter_config.json, see
+    lora.py) loads as its base model with the adapter merged."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from .lora import is_adapter_dir, load_merged
+    if is_adapter_dir(path):
+        return load_merged(path, lambda base: load_model(base, dtype, attn_implementation, trust_remote_code, device))
     path, gguf = resolve_model_path(path)
     if gguf:   # GGUF (no pickle), dequantised to float32 by transformers (needs the gguf package)
         model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32,

@@ -35,6 +35,8 @@ from .data.samplers import make_sampler, prompt_seed
 from .data.tiny_model import build_tiny_model_dir
 from .eval.metrics import evaluate as evaluate_model, generate_completions, score
 from .files import atomic_path, write_atomic
+from .loggers import Loggers
+from .lora import apply_lora, logprobs as lora_logprobs, read_adapter
 from .memory import MemoryPlan, device_memory, model_size, plan_memory
 from .model import disable_dropout, load_model, load_processor, max_pixels, resolve_model_path
 from .optim import NonFiniteError, autocast, check_finite, make_optimizer
@@ -42,10 +44,11 @@ from .rl.batching import micro_batches, slice_prompts, split_to
 from .rl.decode import decode_path
 from .rl.forward import completion_logprobs
 from .rl.grpo import group_advantages, grpo_loss
-from .rl.rollout import decode_completions, generate
+from .rl.reward_fn import PluginReward
+from .rl.rollout import Rollout, decode_completions, generate
 from .safety.judge import refusal_rule
 from .safety.prompting import encode_prompts, prompt_lengths
-from .safety.reward import GOLD_KEYS, SHORT_NAMES, reward_breakdown
+from .safety.reward import GOLD_KEYS, SHORT_NAMES, TAGS, reward_breakdown
 from .warmstart import FormatAnchor, warm_start
 
 __all__ = ["Trainer", "NonFiniteError"]
@@ -61,6 +64,58 @@ class Layout:
 
 
 @dataclass
+class Groups:
+    """This rank's groups of a step: records, their positions in the step's draw, the encoded
+    prompts, the rollout (G rows per record), the reward breakdowns and rewards [N]."""
+    recs: list
+    positions: list[int]
+    batch: dict
+    ro: Rollout
+    parts: list[dict]
+    gold: list[dict]
+    rewards: torch.Tensor
+    G: int
+    errors: int = 0           # plug-in reward calls that raised (scored 0)
+    timeouts: int = 0         # plug-in reward calls stopped at grpo.reward_timeout_s (scored 0)
+
+    @property
+    def n(self) -> int:
+        return len(self.recs)
+
+    @property
+    def images(self) -> list[int]:
+        return [len(r.images) for r in self.recs]
+
+    def spread(self) -> list[int]:
+        """The groups whose rewards have spread (DAPO: the others carry no advantage)."""
+        return [i for i in range(self.n) if self.rewards[i * self.G:(i + 1) * self.G].std() > 0]
+
+    def informative(self, encode) -> "Groups":
+        """These groups without those whose rewards have no spread (prompts encoded anew)."""
+        keep = self.spread()
+        if len(keep) == self.n:
+            return self
+        rows = [i * self.G + g for i in keep for g in range(self.G)]
+        batch = encode([self.recs[i] for i in keep], keep) if keep else {}
+        T = int(self.ro.lengths[rows].max()) if rows else 1
+        ro = Rollout(self.ro.completion_ids[rows, :T], self.ro.lengths[rows], self.G)
+        return Groups([self.recs[i] for i in keep], [self.positions[i] for i in keep], batch, ro,
+                      [self.parts[r] for r in rows], [self.gold[r] for r in rows], self.rewards[rows], self.G)
+
+    def concat(self, other: "Groups", pad_id: int, encode) -> "Groups":
+        """These groups followed by other's (prompts encoded anew together)."""
+        recs = self.recs + other.recs
+        T = max(self.ro.completion_ids.shape[1], other.ro.completion_ids.shape[1])
+        pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]), value=pad_id)     # noqa: E731
+        ro = Rollout(torch.cat([pad(self.ro.completion_ids), pad(other.ro.completion_ids)]),
+                     torch.cat([self.ro.lengths, other.ro.lengths]), self.G,
+                     max(self.ro.peak_cached_tokens, other.ro.peak_cached_tokens))
+        return Groups(recs, self.positions + other.positions, encode(recs, list(range(len(recs)))), ro,
+                      self.parts + other.parts, self.gold + other.gold, torch.cat([self.rewards, other.rewards]), self.G,
+                      self.errors + other.errors, self.timeouts + other.timeouts)
+
+
+@dataclass
 class RankResult:
     """What each rank reports of its rollout, gathered for the step's metrics."""
     parts: list[dict]         # reward breakdown per completion
@@ -69,6 +124,8 @@ class RankResult:
     lengths: list[int]
     prompt_tokens: float
     image_tokens: float
+    errors: int = 0
+    timeouts: int = 0
 
 
 class Trainer:
@@ -98,6 +155,7 @@ class Trainer:
         if dist.is_main():
             dist.barrier()
         self.refusal = refusal_rule(cfg.grpo.refusal_judge)
+        self.reward_plugin = PluginReward(cfg.grpo.reward, cfg.grpo.reward_timeout_s) if cfg.grpo.reward else None
         if dist.is_main():
             save_config(cfg, self.out / "config.yaml")
 
@@ -199,27 +257,35 @@ class Trainer:
         c, tr = self.cfg, self.cfg.train
         ckpt = self.resume_from
         self.plan_memory(init_path)
-        self.policy = disable_dropout(self.load_model(ckpt or init_path))   # old, reference and new log-probs alike
+        self.init_path = init_path
+        self.lora = c.model.lora.rank > 0           # adapters train; the reference is the adapter-free network
+        self.policy = disable_dropout(self.load_model(init_path if self.lora else ckpt or init_path))
+        if self.lora:
+            apply_lora(self.policy, c.model.lora, seed=tr.seed)
+            if ckpt is not None:
+                read_adapter(ckpt, self.policy)
         if dist.is_main():
             print(f"[rollout] decode path: {decode_path(self.policy)}")
             if c.rollout.top_p < 1:
                 print(f"[rollout] warning: rollout.top_p={c.rollout.top_p} < 1 samples from the nucleus, but the "
                       "log-probs of the update use the full softmax, so the update is off-policy")
-        if c.grpo.freeze_vision_tower:
+        if c.grpo.freeze_vision_tower and not self.lora:
             visual = getattr(getattr(self.policy, "model", None), "visual", None)
             if visual is None:
                 raise ValueError("grpo.freeze_vision_tower is set but the model has no vision tower (model.visual)")
             visual.requires_grad_(False)
+        self.has_ref = c.grpo.beta > 0
         self.ref = None
-        if c.grpo.beta > 0:
+        if self.has_ref and not self.lora:
             self.ref = disable_dropout(self.load_model(init_path)).eval().requires_grad_(False)
         # our forward code runs inside these modules, so that FSDP2's root hooks wrap it
-        self.policy_fwd = dist.Forward(self.policy, dist.logprobs_all_params)
-        self.ref_fwd = dist.Forward(self.ref, completion_logprobs) if self.ref is not None else None
+        self.policy_fwd = dist.Forward(self.policy, lora_logprobs if self.lora else dist.logprobs_all_params)
+        self.ref_fwd = dist.Forward(self.ref, completion_logprobs) if self.ref is not None else self.policy_fwd
         if dist.active():                 # bf16 autocast: FSDP2 gathers bf16 copies of the fp32 shards
             dist.shard(self.policy_fwd, mixed_precision=c.model.autocast == "bf16")
-            if self.ref_fwd is not None:
+            if self.ref is not None:
                 dist.shard(self.ref_fwd, mixed_precision=c.model.autocast == "bf16")
+        self.trainable = [p for p in self.policy.parameters() if p.requires_grad]     # (after sharding: DTensors)
         # the schedule steps once per optimizer update; warm-up and decay are given in GRPO steps
         n = self.updates_per_step = tr.prompts_per_step // tr.mini_batch_prompts
         self.opt, self.sched = make_optimizer(self.policy, c.optim.lr, c.optim, c.optim.warmup_steps * n, tr.steps * n,
@@ -268,77 +334,148 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         c, G = self.cfg, self.G
-        # 1. prompts ----------------------------------------------------------------------------
-        lay = self.layout(step)
-        recs = [self.train_records[i] for i in lay.records]
-        batch = self.encode(recs, lay.records)
-        # 2. rollout ----------------------------------------------------------------------------
+        # 1-3. prompts, rollout, reward (with DAPO: groups without reward spread leave, more are drawn)
         t0 = time.perf_counter()
-        ro = self.rollout(step, batch, lay)
-        ids = ro.completion_ids                                                           # [N, T]
+        sampled, dapo = self.collect(step)
+        grp = sampled.informative(self.encode) if c.grpo.filter_zero_std else sampled
         t_rollout = time.perf_counter() - t0
-        # 3. reward (ALGO LOGIC: what is rewarded) ----------------------------------------------
-        texts = decode_completions(self.tokenizer, ids, ro.lengths)
-        gold = [r.tags for r in recs for _ in range(G)]
-        parts = [reward_breakdown(t, g, self.refusal) for t, g in zip(texts, gold)]
-        rewards = torch.tensor([p["total"] for p in parts], dtype=torch.float32)         # [N]
-        # 4. advantage (ALGO LOGIC: groups are whole on each rank; batch std over all ranks) -----
-        batch_std = dist.global_std(rewards) if c.grpo.adv_scale == "batch" else None
-        adv = group_advantages(rewards, G, c.grpo.adv_scale, c.grpo.adv_eps, batch_std).to(self.device)   # [N]
+        # 4. advantage (ALGO LOGIC: groups are whole on each rank; batch std over all ranks) -------
+        batch_std = dist.global_std(grp.rewards) if c.grpo.adv_scale == "batch" else None
+        adv = group_advantages(grp.rewards, G, c.grpo.adv_scale, c.grpo.adv_eps, batch_std).to(self.device) \
+            if grp.n else grp.rewards.to(self.device)                                              # [N]
         # 5. log-probs without grad: reference, and the old policy when a rollout feeds > 1 update
         t0 = time.perf_counter()
-        passes = self.plan_passes(batch, ro, lay)            # per mini-batch: prompt ranges of its passes
-        ref_logp = self.no_grad_logprobs(self.ref_fwd, batch, recs, ro, passes) if self.ref is not None else None
-        old_logp = self.no_grad_logprobs(self.policy_fwd, batch, recs, ro, passes) if self.updates_per_step > 1 else None
+        passes = self.plan_passes(grp)                       # per mini-batch: prompt ranges of its passes
+        ref_logp = self.no_grad_logprobs(self.ref_fwd, grp, passes, reference=True) if self.has_ref else None
+        old_logp = self.no_grad_logprobs(self.policy_fwd, grp, passes) if self.updates_per_step > 1 else None
         t_ref = time.perf_counter() - t0
         # 6. update -------------------------------------------------------------------------------
         t0 = time.perf_counter()
-        stats = self.update(step, batch, recs, ro, adv, old_logp, ref_logp, passes)
+        stats = self.update(step, grp, adv, old_logp, ref_logp, passes, spare=sampled)
         t_update = time.perf_counter() - t0
-        # 7. record (figures of all ranks) ----------------------------------------------------------
-        mine = RankResult(parts, gold, rewards.tolist(), ro.lengths.tolist(), float(batch["attention_mask"].sum()),
-                          float(batch["image_grid_thw"].prod(-1).sum()) if "image_grid_thw" in batch else 0.0)
-        return self.metrics(step, dist.gather_objects(mine), stats, (t_rollout, t_ref, t_update))
+        # 7. record (figures of all ranks, over every sampled completion) ----------------------------
+        b = sampled.batch
+        mine = RankResult(sampled.parts, sampled.gold, sampled.rewards.tolist(), sampled.ro.lengths.tolist(),
+                          float(b["attention_mask"].sum()),
+                          float(b["image_grid_thw"].prod(-1).sum()) if "image_grid_thw" in b else 0.0,
+                          sampled.errors, sampled.timeouts)
+        return {**self.metrics(step, dist.gather_objects(mine), stats, (t_rollout, t_ref, t_update)), **dapo}
 
-    def update(self, step, batch, recs, ro, adv, old_logp, ref_logp, passes) -> dict:
+    def sample(self, step: int, positions: list[int], records: list[int]) -> Groups:
+        """Steps 1-3 for this rank's prompts: encode, roll out, score (ALGO LOGIC: the reward)."""
+        recs = [self.train_records[i] for i in records]
+        batch = self.encode(recs, records)
+        ro = self.rollout(step, batch, positions)
+        texts = decode_completions(self.tokenizer, ro.completion_ids, ro.lengths)
+        gold = [r.tags for r in recs for _ in range(self.G)]
+        parts = [reward_breakdown(t, g, self.refusal) for t, g in zip(texts, gold)]      # logged in any case
+        errors = timeouts = 0
+        if self.reward_plugin is not None:                      # grpo.reward: a plug-in decides the reward
+            infos = [{**{k: v for k, v in r.meta.items() if k != "demo"}, **r.tags} for r in recs for _ in range(self.G)]
+            labels = [f"step {step + 1}, {r.origin or f'record {i}'}, sample {g}" for r, i in zip(recs, records)
+                      for g in range(self.G)]
+            out = self.reward_plugin(texts, infos, labels)
+            for p, s in zip(parts, out.scores):
+                p["total"] = s
+            errors, timeouts = len(out.errors), len(out.timeouts)
+        rewards = torch.tensor([p["total"] for p in parts], dtype=torch.float32)         # [N]
+        return Groups(recs, positions, batch, ro, parts, gold, rewards, self.G, errors, timeouts)
+
+    def collect(self, step: int) -> tuple[Groups, dict]:
+        """The step's groups. With grpo.filter_zero_std and grpo.oversample, more prompts are drawn
+        (the same on every rank, new positions so new seeds) until prompts_per_step groups over
+        all ranks have reward spread, or (1 + oversample) x prompts_per_step have been drawn."""
+        g, tr, W, R = self.cfg.grpo, self.cfg.train, dist.world_size(), dist.rank()
+        lay = self.layout(step)
+        groups = self.sample(step, lay.positions, lay.records)
+        if not g.filter_zero_std:
+            return groups, {}
+        count = lambda x: int(dist.all_reduce_sum(torch.tensor(x)))                   # noqa: E731
+        drawn, cap = tr.prompts_per_step, int((1 + g.oversample) * tr.prompts_per_step)
+        have = count(len(groups.spread()))
+        while g.oversample and have < tr.prompts_per_step and drawn < cap:
+            k = -(-min(tr.prompts_per_step - have, cap - drawn) // W) * W                # a multiple of W
+            extra = self.sampler.take(k)
+            mine = list(range(R * k // W, (R + 1) * k // W))
+            groups = groups.concat(self.sample(step, [drawn + i for i in mine], [extra[i] for i in mine]),
+                                   self.tokenizer.pad_token_id, self.encode)
+            drawn += k
+            have = count(len(groups.spread()))
+        return groups, {"dapo/kept": have, "dapo/dropped": count(groups.n) - have,
+                        "dapo/refilled": drawn - tr.prompts_per_step}
+
+    def plan_passes(self, grp: Groups) -> list[list]:
+        """Per mini-batch, the prompt ranges [a, b) of its forward/backward passes (rl/batching.py),
+        the same number on every rank (FSDP's collectives pair up pass by pass): a rank with too
+        few prompts for them runs zero-weight passes (None)."""
+        tr, U = self.cfg.train, self.updates_per_step
+        costs = (grp.batch["attention_mask"].sum(-1).cpu() + grp.ro.lengths.view(-1, self.G).sum(-1).cpu()).tolist() \
+            if grp.n else []
+        # mini-batch u: the u-th of U equal shares of the step's groups over all ranks, in order of
+        # position (without filtering: positions [u*MB, (u+1)*MB), see `layout`); a rank's
+        # positions ascend, so its share of each mini-batch is contiguous
+        everyone = sorted(p for r in dist.gather_objects(grp.positions) for p in r)
+        u_of = {p: k * U // max(1, len(everyone)) for k, p in enumerate(everyone)}
+        bounds = [sum(u_of[p] < u for p in grp.positions) for u in range(U + 1)]
+        passes = [[(a + x, a + y) for x, y in micro_batches(costs[a:b], max(1, b - a), tr.micro_batch_prompts,
+                                                             tr.micro_batch_tokens)[0]] if b > a else []
+                  for a, b in zip(bounds, bounds[1:])]
+        if dist.active():
+            n_pass = dist.all_reduce_max(torch.tensor([len(p) for p in passes])).tolist()
+            passes = [split_to(p, costs, min(n, p[-1][1] - p[0][0])) + [None] * (n - min(n, p[-1][1] - p[0][0]))
+                      if p else [None] * n for p, n in zip(passes, n_pass)]
+        return passes
+
+    def update(self, step, grp: Groups, adv, old_logp, ref_logp, passes, spare: Groups) -> dict:
         """One optimizer update per mini-batch, gradients accumulated over its passes. Returns
-        the step's loss, KL, clip fraction, entropy, grad norm and anchor loss, over all ranks."""
+        the step's loss, KL, clip fraction, entropy, grad norm and anchor loss, over all ranks.
+        A zero-weight pass (None) runs a forward/backward of `spare`'s first group times 0, so
+        that every rank joins the same collectives."""
         c, g, G, W = self.cfg, self.cfg.grpo, self.G, dist.world_size()
-        ids, mask, n_img = ro.completion_ids, ro.mask, [len(r.images) for r in recs]
+        ids, mask, batch, n_img = grp.ro.completion_ids, grp.ro.mask, grp.batch, grp.images
         all_tok = float(dist.all_reduce_sum(mask.sum()))         # completion tokens of the step, all ranks
         sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "ptx": 0.0}
+        seq = g.importance_level == "sequence"
+        clip_low, clip_high = (g.seq_clip_low, g.seq_clip_high) if seq else (g.clip_low, g.clip_high)
         self.policy.train()
         for u, mini in enumerate(passes):
             self.opt.zero_grad(set_to_none=True)
-            rows = slice(mini[0][0] * G, mini[-1][1] * G)
+            real = [p for p in mini if p is not None]
+            rows = slice(real[0][0] * G, real[-1][1] * G) if real else slice(0, 0)
             # the pass losses of a mini-batch add up to its loss over all ranks (eq. 9)
-            total = dist.all_reduce_sum(mask[rows].sum()).clamp(min=1) if g.loss_agg == "token-mean" \
-                else (rows.stop - rows.start) * W
-            for a, b in mini:
+            here = mask[rows].sum() if g.loss_agg == "token-mean" else torch.tensor(float(rows.stop - rows.start))
+            anywhere = dist.all_reduce_sum(here)
+            total = anywhere.clamp(min=1)
+            for p in mini:
+                if p is None:
+                    self.zero_weight_pass(spare)
+                    continue
+                a, b = p
                 r = slice(a * G, b * G)
                 with self.amp():
                     logp, ent = self.policy_fwd(slice_prompts(batch, a, b, n_img), ids[r], mask[r], G, self.temperature,
                                                 entropy=True, entropy_grad=g.entropy_coef > 0)
-                # ALGO LOGIC: the objective, eqs. (5)-(9)
+                # ALGO LOGIC: the objective, eqs. (5)-(9), or GSPO's (12)
                 loss, m = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[r], adv[r], mask[r],
                                     ref_logp=None if ref_logp is None else ref_logp[r], entropy=ent,
-                                    clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip or None,
+                                    clip_low=clip_low, clip_high=clip_high, dual_clip=g.dual_clip or None,
                                     beta=g.beta, kl_estimator=g.kl_estimator, entropy_coef=g.entropy_coef,
                                     loss_agg=g.loss_agg, norm_constant=g.norm_constant or c.rollout.max_new_tokens,
-                                    total=total)
+                                    total=total, importance_level=g.importance_level)
                 loss = loss * W              # FSDP averages gradients over ranks: scale so they add up
                 check_finite(loss.detach(), "loss", step)
                 loss.backward()
                 sums["loss"] += loss.item() / W / len(passes)
                 for k in ("clipped", "kl", "entropy"):
-                    sums[k] += m.get(k, 0.0) / all_tok
+                    sums[k] += m.get(k, 0.0) / max(all_tok, 1.0)
             if self.anchor is not None:      # ALGO LOGIC: the format anchor, eq. (10)
                 sums["ptx"] += self.anchor.backward(self.policy_fwd, step, u, dist.rank(), W) / len(passes)
-            gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), c.optim.grad_clip)
+            gn = torch.nn.utils.clip_grad_norm_(self.trainable, c.optim.grad_clip)
             gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
             check_finite(gn, "gradient norm", step)
             sums["grad_norm"] += gn.item() / len(passes)
-            self.opt.step()
+            if anywhere.item() > 0 or self.anchor is not None:
+                self.opt.step()              # (else no group anywhere in this mini-batch: nothing to learn)
             self.sched.step()
         self.opt.zero_grad(set_to_none=True)  # no gradients held through the next rollout
         if dist.active():
@@ -346,10 +483,18 @@ class Trainer:
             sums.update(zip(keys, dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()))
         return sums
 
-    def rollout(self, step, batch, lay: Layout):
+    def zero_weight_pass(self, spare: Groups) -> None:
+        """A forward/backward whose loss is 0 x that of spare's first group (see `update`)."""
+        G = self.G
+        with self.amp():
+            logp = self.policy_fwd(slice_prompts(spare.batch, 0, 1, spare.images), spare.ro.completion_ids[:G],
+                                   spare.ro.mask[:G], G, self.temperature)
+        (0.0 * logp.sum()).backward()
+
+    def rollout(self, step, batch, positions: list[int]):
         """G completions per prompt from the gathered policy, continuously batched under
-        rollout.max_batch_tokens; each prompt samples from its own seed, so where and when it is
-        decoded does not matter."""
+        rollout.max_batch_tokens; each prompt samples from its own seed (from the step and its
+        position in the step's draw), so where and when it is decoded does not matter."""
         c = self.cfg
         self.policy.eval()
         try:
@@ -357,35 +502,28 @@ class Trainer:
                 return generate(self.policy, batch, group_size=self.G, max_new_tokens=c.rollout.max_new_tokens,
                                 eos_token_id=self.policy.generation_config.eos_token_id,
                                 pad_token_id=self.tokenizer.pad_token_id, temperature=self.temperature,
-                                top_p=c.rollout.top_p, seeds=[prompt_seed(c.train.seed, step, i) for i in lay.positions],
+                                top_p=c.rollout.top_p, seeds=[prompt_seed(c.train.seed, step, i) for i in positions],
                                 max_batch_tokens=c.rollout.max_batch_tokens)
         except FloatingPointError as e:
             raise NonFiniteError(f"non-finite policy at step {step} ({e}); stopping without writing a checkpoint "
                                  "of this state. Lower optim.lr or resume from the last checkpoint.") from None
 
-    def plan_passes(self, batch, ro, lay: Layout) -> list[list[tuple[int, int]]]:
-        """Per mini-batch, the prompt ranges of its forward/backward passes (rl/batching.py); the
-        same number on every rank, whose FSDP collectives pair up pass by pass."""
-        tr = self.cfg.train
-        costs = (batch["attention_mask"].sum(-1).cpu() + ro.lengths.view(-1, self.G).sum(-1).cpu()).tolist()
-        passes = micro_batches(costs, lay.mini, tr.micro_batch_prompts, tr.micro_batch_tokens)
-        if dist.active() and tr.micro_batch_tokens > 0:
-            n_pass = dist.all_reduce_max(torch.tensor([len(p) for p in passes])).tolist()
-            passes = [split_to(p, costs, n) for p, n in zip(passes, n_pass)]
-        return passes
-
     @torch.no_grad()
-    def no_grad_logprobs(self, fwd, batch, recs, ro, passes) -> torch.Tensor:
-        """Log-probs [N, T] of the completions under `fwd.model` (reference or old policy)."""
-        was, G, n_img = fwd.model.training, self.G, [len(r.images) for r in recs]
+    def no_grad_logprobs(self, fwd, grp: Groups, passes, reference: bool = False) -> torch.Tensor | None:
+        """Log-probs [N, T] of the completions under `fwd.model` (the old policy, or with
+        reference=True the reference: the frozen model, or with LoRA the adapter-free network)."""
+        if not grp.n:
+            return None
+        was, G = fwd.model.training, self.G
         fwd.model.eval()
-        ids, mask = ro.completion_ids, ro.mask
+        ids, mask = grp.ro.completion_ids, grp.ro.mask
+        kw = {"reference": True} if reference and self.lora else {}
         # under FSDP: gathered once for all passes, and resharded on exit (a forward without
         # backward would otherwise leave the root unit holding a gathered copy that the next
         # optimizer step makes stale)
         with self.amp(), dist.gathered(fwd):
-            out = torch.cat([fwd(slice_prompts(batch, a, b, n_img), ids[a * G:b * G], mask[a * G:b * G], G,
-                                 self.temperature) for mini in passes for a, b in mini])
+            out = torch.cat([fwd(slice_prompts(grp.batch, a, b, grp.images), ids[a * G:b * G], mask[a * G:b * G], G,
+                                 self.temperature, **kw) for mini in passes for a, b in filter(None, mini)])
         fwd.model.train(was)
         return out
 
@@ -400,6 +538,18 @@ class Trainer:
         m.update({f"reward/{k}": sum(p[k] for p in parts) / n for k in ("format", "tag", "behavior")})
         m.update({f"tag_acc/{short}": sum(p["pred"][tag] == g[GOLD_KEYS[tag]] for p, g in zip(parts, gold)) / n
                   for tag, short in SHORT_NAMES.items()})
+        by_group = {}                     # combined-tag accuracy per SafeTag group (visual/text/combined)
+        for p, g in zip(parts, gold):
+            by_group.setdefault("/".join(g[GOLD_KEYS[t]] for t in TAGS), []).append(p["pred"]["combined_safe"]
+                                                                                   == g["combine_tag"])
+        m.update({f"group_acc/{k}": sum(v) / len(v) for k, v in sorted(by_group.items())})
+        flat = {}                         # per SafeTag group: share of its prompts whose G rewards are all equal
+        for i in range(0, n, self.G):
+            key = "/".join(gold[i][GOLD_KEYS[t]] for t in TAGS)
+            flat.setdefault(key, []).append(float(rewards[i:i + self.G].std() == 0))
+        m.update({f"zero_std/{k}": sum(v) / len(v) for k, v in sorted(flat.items())})
+        if self.reward_plugin is not None:
+            m.update({"reward/errors": sum(r.errors for r in ranks), "reward/timeouts": sum(r.timeouts for r in ranks)})
         m.update({"kl": stats["kl"], "clip_frac": stats["clipped"], "entropy": stats["entropy"], "loss": stats["loss"],
                   "grad_norm": stats["grad_norm"], **({"ptx": stats["ptx"]} if self.anchor is not None else {}),
                   "lr": self.sched.get_last_lr()[0],
@@ -420,6 +570,7 @@ class Trainer:
         bar = tqdm(range(self.start_step, c.train.steps), desc="safegrpo", dynamic_ncols=True, mininterval=2,
                    initial=self.start_step, total=c.train.steps, disable=not dist.is_main())
         last = self.resume_from
+        trackers = Loggers(c, self.out, self.start_step) if dist.is_main() else None
         for step in bar:
             m = self.train_step(step)
             if c.train.eval_every and (step + 1) % c.train.eval_every == 0:
@@ -427,10 +578,13 @@ class Trainer:
             if dist.is_main():
                 with open(self.out / "metrics.jsonl", "a") as fh:       # one write per line: whole or absent
                     fh.write(json.dumps(m) + "\n")
+                trackers.log(m)
             bar.set_postfix(reward=f"{m['reward/mean']:.3f}", comb=f"{m['tag_acc/combined']:.2f}",
                             kl=f"{m['kl']:.4f}", refresh=False)
             if (c.train.save_every and (step + 1) % c.train.save_every == 0) or step + 1 == c.train.steps:
                 last = self.save(step + 1)
+        if trackers is not None:
+            trackers.close()
         return last
 
     @torch.no_grad()
@@ -482,7 +636,8 @@ class Trainer:
     def save(self, step) -> Path:
         state = {"sampler": self.sampler.state(), "scheduler": self.sched.state_dict(),
                  "python_random": random.getstate(), "init_path": str(self.model_dir), "config": self.cfg.to_dict()}
-        p = save_checkpoint(self.out / "checkpoints", step, self.policy, self.processor, self.opt, state)
+        p = save_checkpoint(self.out / "checkpoints", step, self.policy, self.processor, self.opt, state,
+                            adapter=(self.cfg.model.lora, self.init_path) if self.lora else None)
         if dist.is_main():
             prune_checkpoints(self.out / "checkpoints", 3)
         return p

@@ -9,9 +9,12 @@
    Short sequences teach a randomly initialised vision tower and LM to name what they see,
    the alignment a pretrained VLM brings with it.
 2. Demonstration SFT: the step-guided prompt -> a demonstration in the target format. For
-   SafeTag-Synth and Text-Safety rows the demonstration is drawn afresh at every use (its tags
-   at random), so the model learns the format and an even coin on every tag, not memorised,
-   input-dependent wrong tags; other data uses its fixed `demo` column.
+   SafeTag-Synth and Text-Safety rows the demonstration is drawn afresh at every use. Its tags
+   follow sft.tags: random (the default) teaches the format and an even coin on every tag, not
+   memorised, input-dependent wrong tags; per_modality writes the right visual and text tags
+   and the naive combined tag (unsafe if either side is), a starting point like the paper's
+   pretrained models that judge each modality and miss compositional risks. Other data uses
+   its fixed `demo` column.
 3. The format anchor (not in the paper; InstructGPT's PPO-ptx idea): during GRPO the words
    nothing rewards (caption, restatement, answer wording) would random-walk away; the anchor
    holds them where the warm start put them, and teaches no safety because the tag values
@@ -43,12 +46,13 @@ from .safety.reward import TAGS
 _TAG_VALUE = re.compile(r"<(" + "|".join(TAGS) + r")>(.*?)</\1>", re.IGNORECASE | re.DOTALL)
 
 
-def demonstration_records(records: list[SafeTagRecord]) -> list[SafeTagRecord]:
+def demonstration_records(records: list[SafeTagRecord], tags: str = "random") -> list[SafeTagRecord]:
     """Records whose meta["target"] is their demonstration: a function of an rng where one can be
-    drawn afresh (SafeTag-Synth, Text-Safety), else the row's fixed `demo` text."""
+    drawn afresh (SafeTag-Synth, with `tags` as synth.demonstration_tags writes them;
+    Text-Safety), else the row's fixed `demo` text."""
     def fresh(r):
         if r.meta.get("concept"):
-            return lambda rng: synth.demonstration(r, rng)
+            return lambda rng: synth.demonstration(r, rng, tags)
         if r.meta.get("demo_source") == "textsafety":
             return lambda rng: textsafety.demonstration(r.prompt, rng)
         return r.meta["demo"]
@@ -132,13 +136,15 @@ def warm_start(model, processor, train_records, cfg: Config, device, out_dir) ->
         cross_entropy_stage(model, processor, captions, "none", s.caption_steps, s.caption_lr, cfg, device,
                             out_dir / "caption_metrics.jsonl")
     if s.steps:
-        cross_entropy_stage(model, processor, demonstration_records(train_records), cfg.data.prompt_style, s.steps,
-                            s.lr, cfg, device, out_dir / "sft_metrics.jsonl")
+        cross_entropy_stage(model, processor, demonstration_records(train_records, s.tags), cfg.data.prompt_style,
+                            s.steps, s.lr, cfg, device, out_dir / "sft_metrics.jsonl")
 
 
 class FormatAnchor:
     """grpo.ptx_coef > 0: the cross-entropy of grpo.ptx_batch fresh demonstrations under the
-    policy, on every token but the tag values (eq. 10)."""
+    policy, on every token but the tag values (eq. 10). Their tags are always random (whatever
+    sft.tags is): the answer follows the written combined tag, so an even coin keeps the anchor
+    from teaching any refuse-or-help choice."""
 
     def __init__(self, train_records, processor, cfg: Config, device):
         self.records, self.processor, self.cfg, self.device = demonstration_records(train_records), processor, cfg, device

@@ -21,7 +21,8 @@ def run(cfg, nproc, out, *over, timeout=300):
         else [sys.executable]
     cmd += [str(ROOT / "train.py"), "--config", str(cfg), "--set", f"train.out_dir={out}", *over]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false"})
+                       env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false",
+                            "PYTHONPATH": str(ROOT / "tests")})            # the tests' reward plug-ins
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 

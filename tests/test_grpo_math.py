@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from safegrpo.rl.grpo import aggregate, clip_fraction, group_advantages, kl_penalty, policy_loss
+from safegrpo.rl.grpo import (aggregate, clip_fraction, group_advantages, grpo_loss, kl_penalty, policy_loss,
+                              sequence_policy_loss, sequence_ratio)
 
 
 def test_group_advantages_by_hand():
@@ -156,3 +157,45 @@ def test_kl_gradients_by_hand():
             want = torch.where(live, 1 - torch.exp(d), torch.zeros_like(d))
         assert torch.allclose(g, want, atol=1e-12), (kind, g, want)
     assert g[2] == 0 and g[3] == 0 and g[4] == 0                 # equal: 0; beyond the clamps: 0
+
+
+def test_gspo_sequence_ratio_and_loss_by_hand():
+    """Eq. (12): s = exp(mean log-ratio over the sequence's tokens); the clipped surrogate of s
+    is every token's loss."""
+    old = torch.zeros(2, 3)
+    logp = torch.tensor([[0.3, -0.1, 0.4], [0.02, 0.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])               # row 1: the 5.0 is padding
+    s = sequence_ratio(logp, old, mask)
+    assert torch.allclose(s, torch.tensor([math.exp(0.2), math.exp(0.01)]))
+    adv = torch.tensor([1.0, -2.0])
+    loss = sequence_policy_loss(logp, old, adv, mask, clip_low=0.05, clip_high=0.1)
+    # row 0: s = 1.2214 > 1.1, A > 0 -> clipped: -1 x 1.1; row 1: s = 1.01 inside -> -(-2) x 1.01
+    assert torch.allclose(loss, torch.tensor([[-1.1] * 3, [2 * math.exp(0.01)] * 2 + [0.0]]), atol=1e-6)
+    # the gradient of row 1 reaches each of its tokens as -A s / |o| (row 0 is clipped: none)
+    lp = logp.clone().requires_grad_()
+    aggregate(sequence_policy_loss(lp, old, adv, mask, 0.05, 0.1), mask, "seq-mean-token-mean").backward()
+    want = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]]) * (2 * math.exp(0.01) / 2) / 2   # / 2 sequences
+    assert torch.allclose(lp.grad, want, atol=1e-6)
+
+
+def test_gspo_against_a_float64_loop():
+    g = torch.Generator().manual_seed(4)
+    logp = -torch.rand(5, 7, generator=g, dtype=torch.float64)
+    old = logp + torch.randn(5, 7, generator=g, dtype=torch.float64) * 0.01
+    adv = torch.randn(5, generator=g, dtype=torch.float64)
+    mask = (torch.rand(5, 7, generator=g) > 0.3).double()
+    mask[:, 0] = 1
+    cl, ch = 3e-4, 4e-4
+    ours = sequence_policy_loss(logp, old, adv, mask, cl, ch)
+    for i in range(5):
+        n = float(mask[i].sum())
+        s = math.exp(sum(float(logp[i, t] - old[i, t]) for t in range(7) if mask[i, t]) / n)
+        a = float(adv[i])
+        v = max(-a * s, -a * min(max(s, 1 - cl), 1 + ch))
+        for t in range(7):
+            assert abs(float(ours[i, t]) - v * float(mask[i, t])) < 1e-12
+    loss, m = grpo_loss(logp, old, adv, mask, clip_low=cl, clip_high=ch, importance_level="sequence",
+                        loss_agg="seq-mean-token-mean")
+    assert torch.isclose(loss, aggregate(ours, mask, "seq-mean-token-mean"))
+    with pytest.raises(ValueError, match="importance_level"):
+        grpo_loss(logp, old, adv, mask, importance_level="word")

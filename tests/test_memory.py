@@ -57,3 +57,20 @@ def test_a_plan_that_does_not_fit_names_the_key(qwen3_vl_8b):
     big_pass = load_config("configs/qwen3_vl_8b_safegrpo.yaml", ["train.micro_batch_tokens=200000"], world_size=4)
     with pytest.raises(MemoryPlanError, match="lower train.micro_batch_tokens"):
         plan_memory(big_pass, qwen3_vl_8b, 4, 80 * GB).check()
+
+
+def test_lora_drops_the_reference_and_shrinks_optimizer_and_gradients(qwen3_vl_8b):
+    cfg = load_config("configs/qwen3_vl_8b_safegrpo.yaml", ["model.lora.rank=64", "model.lora.alpha=128"],
+                      world_size=4)
+    plan = plan_memory(cfg, qwen3_vl_8b, 4, 80 * GB)
+    full = plan_memory(load_config("configs/qwen3_vl_8b_safegrpo.yaml", world_size=4), qwen3_vl_8b, 4, 80 * GB)
+    # rank 64 on q, k, v, o (4096 -> 4096 / 1024 / 1024 / 4096) and gate, up, down (4096 <-> 12288)
+    per_layer = 64 * ((H + HEADS * D) + 2 * (H + KVH * D) + (HEADS * D + H) + 3 * (H + I))
+    Nt = L * per_layer
+    assert Nt == 174_587_904
+    N, W = qwen3_vl_8b.params, 4
+    assert plan.items["reference"] == 0 and full.items["reference"] == N * 4 // W
+    assert plan.items["optimizer"] == 2 * Nt * 4 // W and plan.items["gradients"] == Nt * 4 // W
+    assert plan.items["weights"] == (N + Nt) * 4 // W
+    saved = full.update - plan.update
+    assert saved == (N * 4 // W) + (2 * N * 4 // W - 2 * Nt * 4 // W) + (N * 4 // W - Nt * 4 // W) - Nt * 4 // W

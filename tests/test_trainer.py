@@ -142,19 +142,25 @@ def test_unknown_config_key_is_named(tmp_path):
         load_config(p)
 
 
-def test_reward_rises_on_a_tiny_set(tmp_path, tiny_model_dir, synth_dir):
-    """Warm-start on 8 demonstrations (format, random tags), then GRPO: the mean reward rises.
-    The 8 records share one SafeTag group (visual safe, text unsafe, combined unsafe), so the
-    right tags differ by position and the warm start writes them at random."""
+def learning_cfg(tmp_path, tiny_model_dir, synth_dir, make_cfg=None, lr=3e-4, steps=24):
+    """The learning test's config: 8 records of one SafeTag group (visual safe, text unsafe,
+    combined unsafe), G = 8, one update per step, no KL."""
     from safegrpo.data.records import load_parquet, write_parquet
     recs = [r for r in load_parquet(synth_dir / "train.parquet", limit=200)
             if r.meta["group"] == "safe/unsafe/unsafe"][:8]
     write_parquet(recs, tmp_path / "small.parquet")
-    cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{
+    return load_config((make_cfg or tiny_cfg)(tmp_path, tiny_model_dir, synth_dir, **{
         "data.train": str(tmp_path / "small.parquet"), "data.test": "",
-        "rollout.group_size": 8, "rollout.max_new_tokens": 80, "optim.lr": 3e-4, "optim.warmup_steps": 2,
-        "grpo.beta": 0.0, "train.steps": 24, "train.prompts_per_step": 8, "train.mini_batch_prompts": 8,
+        "rollout.group_size": 8, "rollout.max_new_tokens": 80, "optim.lr": lr, "optim.warmup_steps": 2,
+        "grpo.beta": 0.0, "train.steps": steps, "train.prompts_per_step": 8, "train.mini_batch_prompts": 8,
         "train.micro_batch_prompts": 8, "train.save_every": 100}))
+
+
+def test_reward_rises_on_a_tiny_set(tmp_path, tiny_model_dir, synth_dir):
+    """Warm-start on 8 demonstrations (format, random tags), then GRPO: the mean reward rises.
+    The 8 records share one SafeTag group, so the right tags differ by position and the warm
+    start writes them at random."""
+    cfg = learning_cfg(tmp_path, tiny_model_dir, synth_dir)
     tr = warm_start(cfg, tiny_model_dir, tmp_path / "sft", steps=200)
     tr.fit(init_path=tmp_path / "sft")
     r = [m["reward/mean"] for m in rows(tmp_path / "run")]

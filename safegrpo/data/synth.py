@@ -286,10 +286,29 @@ def caption_demo(record: SafeTagRecord) -> str:
     return f"The image shows {caption_object(record.meta['concept'])}."
 
 
-def demonstration(record: SafeTagRecord, rng: random.Random) -> str:
-    """A warm-start completion: right caption and restatement, random tags, an answer that
-    follows the written combined tag (refusal if unsafe, a short helpful reply if safe)."""
-    v, t, c = (rng.choice(["safe", "unsafe"]) for _ in range(3))
+DEMO_TAGS = ("random", "per_modality", "gold")
+
+
+def demonstration_tags(record: SafeTagRecord, rng: random.Random, tags: str = "random") -> tuple[str, str, str]:
+    """The (visual, text, combined) tags a demonstration writes: "random" (an even coin each, the
+    default: the model learns the format and nothing of safety), "per_modality" (the right visual
+    and text tags and the naive combined tag, unsafe if either side is: a model that judges each
+    modality and misses compositional risks, like the paper's starting models) or "gold"."""
+    if tags == "random":
+        return tuple(rng.choice(["safe", "unsafe"]) for _ in range(3))
+    v, t = record.image_tag, record.text_tag
+    if tags == "per_modality":
+        return v, t, "unsafe" if "unsafe" in (v, t) else "safe"
+    if tags == "gold":
+        return v, t, record.combine_tag
+    raise ValueError(f"unknown demonstration tags {tags!r}; use one of {DEMO_TAGS}")
+
+
+def demonstration(record: SafeTagRecord, rng: random.Random, tags: str = "random") -> str:
+    """A warm-start completion: right caption and restatement, tags as `demonstration_tags`
+    writes them, an answer that follows the written combined tag (refusal if unsafe, a short
+    helpful reply if safe)."""
+    v, t, c = demonstration_tags(record, rng, tags)
     concept, request = record.meta["concept"], record.prompt.rstrip("?.").lower()
     answer = rng.choice(REFUSALS) if c == "unsafe" else rng.choice(HELPFUL).format(c=concept)
     risk = "high" if c == "unsafe" else "low"

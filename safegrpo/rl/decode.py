@@ -133,11 +133,13 @@ class LeanDecoder:
 
     @staticmethod
     def _layer_weights(layer, dtype):
-        """The layer's projection weights and biases, cast to `dtype` (None: as stored)."""
+        """The layer's projection weights (a LoRA layer's merged: lora.effective_weight) and
+        biases, cast to `dtype` (None: as stored)."""
+        from ..lora import effective_weight
         a, mlp = layer.self_attn, layer.mlp
         mods = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.detach().to(dtype))
-        return [(cast(m.weight), cast(getattr(m, "bias", None))) for m in mods]
+        return [(cast(effective_weight(m)), cast(getattr(m, "bias", None))) for m in mods]
 
     def add_prompt(self, slot: int, keys: list, values: list, mask: torch.Tensor) -> None:
         """Store one prompt's prefill cache (per layer [kvh, L, d], L <= Lp, mask [L]) in `slot`."""

@@ -10,6 +10,9 @@ docs/METHOD.md. For prompt q with G sampled outputs o_1..o_G and rewards r_1..r_
   (8) per token       l_{i,t} = L_{i,t} + beta KL_{i,t} - c_H H_{i,t}      (c_H: entropy bonus, 0 in the paper)
   (9) aggregation     J = token-mean | seq-mean-token-mean | seq-mean-token-sum-norm of l over the
                       mini-batch (DAPO / Dr. GRPO)
+ (12) GSPO            s_i = exp( mean_t log(pi_theta / pi_old)(o_{i,t}) ), the sequence's ratio;
+                      L_i = max(-A_i s_i, -A_i clip(s_i, 1 - eps_low, 1 + eps_high)) for every token
+                      of sequence i                                         (Zheng et al., 2025)
 
 `grpo_loss` is (8) + (9) in one call, returning the loss and its metrics the way
 nano-aha-moment's `compute_pg_loss` and verl's policy-loss functions do.
@@ -88,6 +91,32 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     return loss * mask
 
 
+def sequence_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. (12): s_i = exp(masked mean over tokens of logp - old_logp), per sequence [N]."""
+    log_ratio = ((logp - old_logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return torch.exp(torch.clamp(log_ratio, -20.0, 20.0))
+
+
+def sequence_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                         clip_low: float = 3e-4, clip_high: float = 4e-4) -> torch.Tensor:
+    """Eq. (12), GSPO: the clipped surrogate on the sequence ratio s_i, its loss given to every
+    token of sequence i: per-token losses [N, T], zero where mask is 0. advantages [N]. With
+    seq-mean-token-mean aggregation this is GSPO's objective (each sequence weighs the same).
+    The gradient of s_i reaches every token's log-prob through the mean, scaled by 1/|o_i|."""
+    s = sequence_ratio(logp, old_logp, mask)                                   # [N]
+    loss = torch.maximum(-advantages * s, -advantages * torch.clamp(s, 1.0 - clip_low, 1.0 + clip_high))
+    return loss[:, None] * mask
+
+
+@torch.no_grad()
+def sequence_clip_fraction(logp, old_logp, advantages, mask, clip_low: float = 3e-4,
+                           clip_high: float = 4e-4) -> torch.Tensor:
+    """Share of sequences whose GSPO surrogate is clipped."""
+    s = sequence_ratio(logp, old_logp, mask)
+    clipped = ((s > 1 + clip_high) & (advantages > 0)) | ((s < 1 - clip_low) & (advantages < 0))
+    return clipped.float().mean() if clipped.numel() else clipped.float().sum()
+
+
 @torch.no_grad()
 def clip_fraction(logp, old_logp, advantages, mask, clip_low: float = 0.2, clip_high: float = 0.2) -> torch.Tensor:
     """Share of completion tokens whose surrogate is clipped (the gradient through rho is cut)."""
@@ -124,11 +153,14 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
               ref_logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
               clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = 3.0,
               beta: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
-              loss_agg: str = "token-mean", norm_constant: float | None = None, total=None) -> tuple[torch.Tensor, dict]:
+              loss_agg: str = "token-mean", norm_constant: float | None = None, total=None,
+              importance_level: str = "token") -> tuple[torch.Tensor, dict]:
     """Eqs. (5)-(9): the GRPO loss of one (micro-)batch and what to log about it.
 
     logp [N, T] (with grad), old_logp, ref_logp [N, T] (no grad; ref_logp None: no KL term),
     advantages [N] or [N, T], mask [N, T], entropy [N, T] (with grad when entropy_coef > 0).
+    importance_level "sequence": GSPO's sequence ratio, eq. (12), in place of (5)-(6), with
+    clip_low / clip_high as its (much smaller) clip range and no dual clip.
     Returns (loss, metrics); metrics are sums over this batch's completion tokens, so that
     micro-batches and ranks add up before dividing: {"tokens", "clipped", "kl", "entropy"}.
 
@@ -137,10 +169,15 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     >>> round(loss.item(), 4), m["clipped"]                # -A * rho at rho = 1, nothing clipped
     (-1.0, 0.0)
     """
-    per_tok = policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip)     # (6)
-    metrics = {"tokens": mask.sum().item(),
-               "clipped": clip_fraction(logp.detach(), old_logp, advantages, mask, clip_low, clip_high).item()
-               * mask.sum().item()}
+    if importance_level == "sequence":                                                        # (12)
+        per_tok = sequence_policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high)
+        clipped = sequence_clip_fraction(logp.detach(), old_logp, advantages, mask, clip_low, clip_high)
+    elif importance_level == "token":                                                         # (6)
+        per_tok = policy_loss(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip)
+        clipped = clip_fraction(logp.detach(), old_logp, advantages, mask, clip_low, clip_high)
+    else:
+        raise ValueError(f"unknown importance_level {importance_level!r}; use token or sequence")
+    metrics = {"tokens": mask.sum().item(), "clipped": clipped.item() * mask.sum().item()}
     if ref_logp is not None:                                                                  # (7)
         kl = kl_penalty(logp, ref_logp, kl_estimator)
         per_tok = per_tok + beta * kl * mask

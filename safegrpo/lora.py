@@ -1,0 +1,187 @@
+"""LoRA on the text stack (model.lora.rank > 0), through peft (`pip install -e ".[lora]"`).
+
+    W x  becomes  W x + (alpha / r) B A x,   A [r, in] random, B [out, r] zero at the start
+
+Only A and B train. The reference policy of the KL term is the same network with its adapters
+switched off (`reference_logprobs`), so no second copy of the weights exists. The adapters go
+into the Hugging Face model in place (peft's `inject_adapter_in_model`): the model keeps its
+class and module paths, so the prompt-once forward, the lean decoder (which reads each
+projection's merged weight, `effective_weight`) and FSDP2's per-layer units work unchanged.
+
+A LoRA checkpoint holds the adapter only:
+
+    step_N/adapter_config.json        rank, alpha, dropout, target modules, the base model's path
+    step_N/adapter_model.safetensors  the A and B matrices, by parameter name
+
+`load_merged` reads such a directory back as a plain model with the adapter merged (eval.py and
+`train.py --export-merged` use it).
+"""
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+
+from .config import LoraConfig
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise ImportError('model.lora.rank > 0 needs peft: pip install -e ".[lora]"') from None
+    return peft
+
+
+def target_regex(names) -> str:
+    """peft's full-name pattern for projections called `names` outside the vision tower (Qwen-VL
+    vision blocks have gate/up/down projections of their own)."""
+    return r"^(?!.*visual).*\.(" + "|".join(names) + r")$"
+
+
+def apply_lora(model, lora: LoraConfig, seed: int = 0):
+    """Adapters on `model`'s text-stack projections named by lora.target_modules, in place; every
+    other parameter frozen. A is drawn from `seed` (B = 0, so the model is unchanged). Raises
+    when no module matches."""
+    peft = _peft()
+    conf = peft.LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                           target_modules=target_regex(lora.target_modules), bias="none")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            peft.inject_adapter_in_model(conf, model)
+        except ValueError as e:
+            raise ValueError(f"model.lora.target_modules {lora.target_modules}: {e}") from None
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    model._safegrpo_lora = lora
+    return model
+
+
+def lora_layers(model) -> list:
+    from peft.tuners.lora import LoraLayer
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def has_lora(model) -> bool:
+    return getattr(model, "_safegrpo_lora", None) is not None
+
+
+@contextmanager
+def adapters_disabled(model):
+    """Context: `model` computes as its base model (the reference policy); restored on exit."""
+    layers = lora_layers(model)
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+def effective_weight(module) -> torch.Tensor:
+    """The weight a linear layer applies: W, or for an active LoRA layer W + (alpha / r) B A."""
+    w = module.weight
+    if getattr(module, "lora_A", None) is None or module.disable_adapters or module.merged:
+        return w
+    for name in module.active_adapters:
+        if name in module.lora_A:
+            w = w + module.get_delta_weight(name).to(w.dtype)
+    return w
+
+
+def logprobs(model, *args, reference: bool = False, **kw):
+    """`distributed.logprobs_all_params` of the policy, or with reference=True of the reference
+    (the same network, adapters off)."""
+    from .distributed import logprobs_all_params
+    with adapters_disabled(model) if reference else nullcontext():
+        return logprobs_all_params(model, *args, **kw)
+
+
+def adapter_state(state_dict: dict) -> dict:
+    """The adapter's tensors of a (full) state dict, on the CPU."""
+    return {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if "lora_" in k}
+
+
+def save_adapter(directory: Path, tensors: dict, lora: LoraConfig, base: str) -> None:
+    from safetensors.torch import save_file
+    save_file(tensors, directory / ADAPTER_WEIGHTS)
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(
+        {"r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+         "target_modules": list(lora.target_modules),
+         "base_model_name_or_path": str(Path(base).resolve()) if Path(base).exists() else str(base)}, indent=1))
+
+
+def is_adapter_dir(path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def read_adapter(directory, model) -> None:
+    """Load directory's adapter tensors into `model` (which carries adapters of the same shape);
+    every adapter parameter must be in the file."""
+    from safetensors.torch import load_file
+    f = Path(directory) / ADAPTER_WEIGHTS
+    try:
+        tensors = load_file(f)
+    except Exception as e:
+        raise RuntimeError(f"{f}: cannot be read ({type(e).__name__}: {e})") from e
+    want = {k for k, _ in model.named_parameters() if "lora_" in k}
+    if want != set(tensors):
+        raise RuntimeError(f"{f}: adapter tensors do not match the model (missing {sorted(want - set(tensors))[:3]}, "
+                           f"unexpected {sorted(set(tensors) - want)[:3]})")
+    model.load_state_dict(tensors, strict=False)
+
+
+def adapter_config(directory) -> tuple[LoraConfig, str]:
+    """(the LoRA settings, the base model's path) of an adapter directory."""
+    f = Path(directory) / ADAPTER_CONFIG
+    try:
+        c = json.loads(f.read_text())
+        return LoraConfig(rank=c["r"], alpha=c["lora_alpha"], dropout=c["lora_dropout"],
+                          target_modules=c["target_modules"]), c["base_model_name_or_path"]
+    except Exception as e:
+        raise RuntimeError(f"{f}: not an adapter config ({type(e).__name__}: {e})") from e
+
+
+def merge(model):
+    """Fold every adapter into its base weight and remove the adapter modules: a plain model."""
+    _peft()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    for name, m in list(model.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, BaseTunerLayer):
+                child.merge()
+                setattr(m, child_name, child.get_base_layer())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model._safegrpo_lora = None
+    return model
+
+
+def load_merged(directory, load_base):
+    """The model of an adapter directory, merged: load_base(path) builds the base model."""
+    lora, base = adapter_config(directory)
+    if not Path(base).exists() and ":" not in base:
+        raise FileNotFoundError(f"{Path(directory) / ADAPTER_CONFIG}: its base model {base} does not exist")
+    model = apply_lora(load_base(base), lora)
+    read_adapter(directory, model)
+    return merge(model)
+
+
+def export_merged(directory, out) -> Path:
+    """Write the adapter checkpoint `directory` as a plain Hugging Face model directory `out`
+    (the adapter merged into the weights, the processor files copied), atomically."""
+    from .files import atomic_path
+    from .model import load_model, load_processor
+    model = load_merged(directory, lambda base: load_model(base))
+    processor = load_processor(directory)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return out

@@ -1,0 +1,78 @@
+"""DAPO dynamic sampling (grpo.filter_zero_std, grpo.oversample): groups without reward spread
+leave the update, which then equals the update on the informative groups alone; oversampling
+refills; under torchrun two processes finish and match one."""
+import torch
+
+from safegrpo.config import load_config
+from safegrpo.trainer import Trainer
+
+from test_distributed import run as run_dist, weights
+from test_trainer import rows, tiny_cfg
+
+PLUGIN = {"grpo.reward": "plugin_rewards:half_constant", "grpo.beta": 0.1, "grpo.entropy_coef": 0.01,
+          "train.prompts_per_step": 8, "train.mini_batch_prompts": 4, "train.micro_batch_prompts": 2,
+          "train.steps": 1, "optim.lr": 1e-2, "data.test": ""}
+
+
+def _trained(tr, collect=None):
+    tr.setup(tr.model_dir)
+    if collect is not None:
+        tr.collect = collect
+    m = tr.train_step(0)
+    return m, {k: v.detach().clone() for k, v in tr.policy.state_dict().items()}
+
+
+def test_dropped_groups_leave_no_trace_in_the_update(tmp_path, tiny_model_dir, synth_dir):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a = Trainer(load_config(tiny_cfg(tmp_path / "a", tiny_model_dir, synth_dir,
+                                     **{**PLUGIN, "grpo.filter_zero_std": True})))
+    seen = {}
+    real = a.collect
+
+    def spy(step):
+        grp, dapo = real(step)
+        seen["grp"] = grp
+        return grp, dapo
+    m, filtered = _trained(a, spy)
+    grp = seen["grp"]
+    keep = grp.spread()
+    assert 0 < len(keep) < grp.n                               # some groups dropped, some kept
+    assert all(grp.recs[i].tags["combine_tag"] != "safe" for i in keep)
+    assert m["dapo/kept"] == len(keep) and m["dapo/dropped"] == grp.n - len(keep) and m["dapo/refilled"] == 0
+
+    # the informative groups alone, sampled anew at their own positions (so the same seeds)
+    b = Trainer(load_config(tiny_cfg(tmp_path / "b", tiny_model_dir, synth_dir, **PLUGIN)))
+    recs = [a.train_records.index(grp.recs[i]) for i in keep]
+    only = lambda step: (b.sample(step, [grp.positions[i] for i in keep], recs), {})   # noqa: E731
+    _, alone = _trained(b, only)
+    moved = max((filtered[k] - alone[k]).abs().max().item() for k in filtered)
+    assert moved < 1e-6
+    # and it differs from the unfiltered update (the dropped groups would count in the token mean)
+    (tmp_path / "c").mkdir()
+    c = Trainer(load_config(tiny_cfg(tmp_path / "c", tiny_model_dir, synth_dir, **PLUGIN)))
+    _, unfiltered = _trained(c)
+    assert max((filtered[k] - unfiltered[k]).abs().max().item() for k in filtered) > 1e-5
+
+
+def test_oversampling_refills_the_step(tmp_path, tiny_model_dir, synth_dir):
+    cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{
+        **PLUGIN, "train.steps": 3, "grpo.filter_zero_std": True, "grpo.oversample": 2.0}))
+    Trainer(cfg).fit()
+    for r in rows(tmp_path / "run"):
+        assert r["dapo/refilled"] > 0
+        assert r["dapo/kept"] >= 8 or r["dapo/refilled"] == 16          # full, or the cap was reached
+        assert r["dapo/kept"] + r["dapo/dropped"] == 8 + r["dapo/refilled"]
+
+
+def test_filtering_under_two_processes_matches_one(tmp_path, tiny_model_dir, synth_dir):
+    """Ranks keep different numbers of groups (one may keep none of a mini-batch): they still
+    run the same passes (zero-weight ones where they have none), finish, and match one process."""
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{**PLUGIN, "grpo.filter_zero_std": True,
+                                                           "train.save_every": 1, "optim.lr": 1e-3})
+    run_dist(cfg, 1, tmp_path / "one", timeout=300)
+    p = run_dist(cfg, 2, tmp_path / "two", timeout=300)
+    assert "[world] 2 process(es)" in p.stdout
+    one, two = weights(tmp_path / "one", 1), weights(tmp_path / "two", 1)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0, msg=k)
+    assert rows(tmp_path / "one")[0]["dapo/kept"] == rows(tmp_path / "two")[0]["dapo/kept"]
