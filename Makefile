@@ -68,6 +68,7 @@ bench: $(STAMP) $(BENCH_STAMP)
 	$(PY) bench/bench_logprobs.py
 	$(PY) bench/bench_phases.py
 	$(PY) bench/lora_memory.py
+	$(PY) bench/judge_crossmodel.py
 	$(BENCH_VENV)/bin/python bench/bench_grpo_vs_trl.py
 	@echo "figures: bench/results.json"
 
