@@ -117,9 +117,12 @@ class DataConfig:
     prompt_style: str = opt("safegrpo")         # safegrpo | compact | none | path of a text file (prompting.py)
     max_prompt_length: int = opt(2048, ge(1))   # tokens (images expanded); longer prompts: error at load ...
     filter_overlong_prompts: bool = opt(False)  # ... or dropped at load, and reported
-    balance_combined: bool = opt(False)         # GRPO draws half its prompts combine_tag=safe, half unsafe
-    balance_groups: bool = opt(False)           # as balance_combined, each half split evenly over its SafeTag
+    balance_combined: bool = opt(False)         # GRPO draws safe_share of its prompts combine_tag=safe, the rest unsafe
+    balance_groups: bool = opt(False)           # as balance_combined, each part split evenly over its SafeTag
                                                 # groups (visual/text/combined): rare groups come up more
+    safe_share: float = opt(0.5, within(0.0, 1.0, lo_open=True, hi_open=True))   # with balance_*: the
+                                                # combined-safe share of each step (0.2 with balance_groups:
+                                                # every one of the five groups the same share)
     skip_invalid: bool = opt(False)             # skip (and report) bad rows instead of stopping
     image_root: str = opt("")                   # folder image paths are relative to (default: the data file's)
     allow_outside_images: bool = opt(False)     # image paths may point outside that folder (absolute, ../)
@@ -185,10 +188,11 @@ class SFTConfig:
     caption_steps: int = opt(0, ge(0))          # before that: caption pretraining (image -> "The image shows a X.")
     caption_lr: float = opt(1e-3, gt(0.0))
     steps: int = opt(0, ge(0))                  # demonstration steps (the format)
-    tags: Literal["random", "per_modality", "gold"] = opt("random")   # the demonstrations' tags: random (an even coin:
+    tags: Literal["random", "per_modality", "per_modality_coin", "gold"] = opt("random")   # the demonstrations' tags: random (an even coin:
                                                 # the format, no safety), per_modality (right visual and text
                                                 # tags, combined = unsafe if either is: misses compositional
-                                                # risks), gold (supervised)
+                                                # risks), per_modality_coin (the same with a coin for combined
+                                                # where both sides are safe), gold (supervised)
     batch_size: int = opt(32, ge(1))
     lr: float = opt(1e-3, gt(0.0))
     warmup_steps: int = opt(20, ge(0))
@@ -245,6 +249,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                          f"train.micro_batch_prompts ({world_size} x {micro})")
     if d.balance_combined and d.balance_groups:
         raise ValueError("set at most one of data.balance_combined and data.balance_groups")
+    if d.safe_share != 0.5 and not (d.balance_combined or d.balance_groups):
+        raise ValueError("data.safe_share applies to data.balance_combined or data.balance_groups: set one of them")
     if bool(d.test) and not d.train:
         raise ValueError("data.test is set but data.train is empty (SafeTag-Synth brings its own test split)")
     if t.micro_batch_tokens and t.micro_batch_tokens < 2:

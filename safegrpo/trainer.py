@@ -609,6 +609,8 @@ class Trainer:
                "val/refusal_rate_unsafe": m["refusal_rate_unsafe"], "val/refusal_rate_safe": m["refusal_rate_safe"]}
         out.update({f"val/tag_acc/{k}": v for k, v in m["tag_acc"].items()})
         out.update({f"val/group_acc/{g}": v for g, v in m["group_acc"].items()})
+        if m["decoy_acc"] is not None:
+            out["val/decoy_acc"] = m["decoy_acc"]
         return out
 
     def evaluate(self, name: str, model) -> dict | None:

@@ -10,11 +10,12 @@
    the alignment a pretrained VLM brings with it.
 2. Demonstration SFT: the step-guided prompt -> a demonstration in the target format. For
    SafeTag-Synth and Text-Safety rows the demonstration is drawn afresh at every use. Its tags
-   follow sft.tags: random (the default) teaches the format and an even coin on every tag, not
-   memorised, input-dependent wrong tags; per_modality writes the right visual and text tags
-   and the naive combined tag (unsafe if either side is), a starting point like the paper's
-   pretrained models that judge each modality and miss compositional risks. Other data uses
-   its fixed `demo` column.
+   follow sft.tags (synth.demonstration_tags): random teaches the format and an even coin on
+   every tag, not memorised, input-dependent wrong tags; per_modality (configs/tiny.yaml)
+   writes the right visual and text tags and the naive combined tag (unsafe if either side is),
+   a starting point like the paper's pretrained models that judge each modality and miss
+   compositional risks; per_modality_coin flips a coin for the combined tag where both sides
+   are safe. Other data uses its fixed `demo` column.
 3. The format anchor (not in the paper; InstructGPT's PPO-ptx idea): during GRPO the words
    nothing rewards (caption, restatement, answer wording) would random-walk away; the anchor
    holds them where the warm start put them, and teaches no safety because the tag values

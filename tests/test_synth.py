@@ -84,3 +84,27 @@ def test_image_styles_render_the_concept_only_in_pixels():
     w = generate(SynthConfig(seed=0, n_train=30, n_test=10, image_style="word"))
     assert w["train"][0].images[0].size == (112, 56)
     assert render_word("bomb", _r.Random(1), available_fonts()).getbbox() is not None
+
+
+def test_demonstration_tag_modes_write_what_they_promise(synth_dir):
+    """sft.tags: random is an even coin on every tag; per_modality writes the right visual and
+    text tags and combined = unsafe if either is (wrong on exactly the compositional group);
+    per_modality_coin the same but a coin where both sides are safe; gold the gold tags."""
+    from safegrpo.data.synth import demonstration_tags
+    train = load_parquet(synth_dir / "train.parquet")
+    rng = random.Random(0)
+    draws = {m: [(r, demonstration_tags(r, rng, m)) for r in train] for m in ("random", "per_modality", "per_modality_coin", "gold")}
+    gold = lambda r: (r.image_tag, r.text_tag, r.combine_tag)
+    acc = lambda m, k: sum(t[k] == gold(r)[k] for r, t in draws[m]) / len(train)
+    assert all(0.45 < acc("random", k) < 0.55 for k in range(3))
+    assert all(t == gold(r) for r, t in draws["gold"])
+    for mode in ("per_modality", "per_modality_coin"):
+        assert acc(mode, 0) == acc(mode, 1) == 1.0
+        for r, t in draws[mode]:
+            if "unsafe" in t[:2]:
+                assert t[2] == "unsafe"
+    compositional = [t for r, t in draws["per_modality"] if gold(r) == ("safe", "safe", "unsafe")]
+    assert compositional and all(t[2] == "safe" for t in compositional)
+    assert all(t[2] == r.combine_tag for r, t in draws["per_modality"] if gold(r) != ("safe", "safe", "unsafe"))
+    both_safe = [t[2] for r, t in draws["per_modality_coin"] if gold(r)[:2] == ("safe", "safe")]
+    assert 0.45 < both_safe.count("unsafe") / len(both_safe) < 0.55

@@ -260,6 +260,7 @@ def test_balanced_sampler_gives_each_pool_an_equal_share():
 
 def test_balance_groups_halves_by_combined_tag_then_splits_by_group(tmp_path, tiny_model_dir, synth_dir):
     from collections import Counter
+    from safegrpo.data.samplers import make_sampler
     cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"data.balance_groups": True}))
     tr = Trainer(cfg)
     tr.setup(tiny_model_dir)
@@ -269,6 +270,18 @@ def test_balance_groups_halves_by_combined_tag_then_splits_by_group(tmp_path, ti
     with pytest.raises(ValueError, match="at most one of data.balance_combined and data.balance_groups"):
         load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"data.balance_groups": True,
                                                                       "data.balance_combined": True}))
+    for share, want in ((0.2, [16, 16, 16, 16, 16]), (1 / 3, [27, 14, 13, 13, 13])):   # 1/3: weights 2,1,1,1,1
+        d = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"data.balance_groups": True,
+                                                                          "data.safe_share": share})).data
+        drawn = Counter(tr.train_records[i].meta["group"] for i in make_sampler(tr.train_records, d, 0).take(80))
+        assert [drawn[g] for g in sorted(drawn)] == want
+    d = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"data.safe_share": 0.25,
+                                                                  "data.balance_combined": True})).data
+    assert Counter(tr.train_records[i].combine_tag for i in make_sampler(tr.train_records, d, 0).take(80)) == \
+        {"safe": 20, "unsafe": 60}
+    with pytest.raises(ValueError, match="data.safe_share applies to data.balance_combined or data.balance_groups"):
+        load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"data.safe_share": 0.3,
+                                                                      "data.balance_combined": False}))
 
 
 def test_lr_schedule_spans_the_run_whatever_the_updates_per_step(tmp_path, tiny_model_dir, synth_dir):

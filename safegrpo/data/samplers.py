@@ -12,6 +12,7 @@ are plain dicts saved in checkpoints, so a resumed run draws what the uninterrup
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -90,15 +91,17 @@ class BalancedSampler:
 
 def make_sampler(records, d: DataConfig, seed: int):
     """The sampler data.balance_combined / data.balance_groups ask for (a plain epoch sampler
-    by default)."""
-    if d.balance_combined:
-        pools = [[i for i, r in enumerate(records) if r.combine_tag == t] for t in ("safe", "unsafe")]
-        return BalancedSampler(pools, seed)
-    if d.balance_groups:          # half per combined tag, each half split evenly over its groups
-        group = lambda r: (r.image_tag, r.text_tag, r.combine_tag)           # noqa: E731
-        kinds = sorted({group(r) for r in records})
-        pools = [[i for i, r in enumerate(records) if group(r) == g] for g in kinds]
-        per_tag = {t: sum(g[2] == t for g in kinds) for t in ("safe", "unsafe")}
-        lcm = math.lcm(*(n for n in per_tag.values() if n))
-        return BalancedSampler(pools, seed, "data.balance_groups", [lcm // per_tag[g[2]] for g in kinds])
-    return EpochSampler(len(records), seed)
+    by default): data.safe_share of each step combined-safe, the rest combined-unsafe, and with
+    balance_groups each part split evenly over its SafeTag groups."""
+    if not (d.balance_combined or d.balance_groups):
+        return EpochSampler(len(records), seed)
+    kind = (lambda r: r.combine_tag) if d.balance_combined else (lambda r: (r.image_tag, r.text_tag, r.combine_tag))
+    kinds = sorted({kind(r) for r in records})
+    pools = [[i for i, r in enumerate(records) if kind(r) == k] for k in kinds]
+    combined = [k if d.balance_combined else k[2] for k in kinds]
+    share = {"safe": Fraction(d.safe_share).limit_denominator(100)}
+    share["unsafe"] = 1 - share["safe"]
+    weights = [share[c] / combined.count(c) for c in combined]         # Fractions, summing to 1
+    scale = math.lcm(*(w.denominator for w in weights))
+    what = "data.balance_combined" if d.balance_combined else "data.balance_groups"
+    return BalancedSampler(pools, seed, what, [int(w * scale) for w in weights])
