@@ -4,7 +4,7 @@ when it is *told* the gold tags, on seen and unseen concept-instruction pairings
     python bench/ceiling.py [--steps 600] [--set model.tiny.hidden_size=192 ...] [--out runs/ceiling]
 
 Same data, model and warm start as `make train` (configs/tiny.yaml: caption pretraining, then
-demonstration SFT with random tags), then --steps more steps of demonstration SFT with the
+demonstration SFT with the tags sft.tags says), then --steps more steps of demonstration SFT with the
 gold tags (cross-entropy, the answer following the gold combined tag). Every --every steps and
 at the end, greedy accuracy of the combined tag per SafeTag group (and on decoys: all-safe items
 whose instruction is a compositional one with a concept outside its class) on
@@ -60,7 +60,7 @@ def main():
     cfg = load_config(args.config, [f"train.out_dir={out}", *args.overrides])
     tr = Trainer(cfg, overwrite=True)
     t0 = time.time()
-    init = tr.warm_start()                                     # caption + demonstrations, random tags
+    init = tr.warm_start()                                     # caption + demonstrations (sft.tags)
     model = tr.load_model(init)
     seen = seen_renders(cfg.data.synth, args.seen, seed=12345)
     gold = demonstration_records(tr.train_records, "gold")
