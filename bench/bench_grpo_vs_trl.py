@@ -29,11 +29,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from results import record  # noqa: E402
+from tiny import tiny_dirs  # noqa: E402
 from safegrpo.model import load_model  # noqa: E402
-from safegrpo.data.tiny_model import build_tiny_model_dir
 from safegrpo.safety.prompting import instruction_text  # noqa: E402
 from safegrpo.safety.reward import compute_score  # noqa: E402
-from safegrpo.data.synth import SynthConfig, write_synth  # noqa: E402
 
 
 def ours(model_dir, synth_dir, out, args) -> tuple[list[float], float]:
@@ -130,11 +129,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 16)))
-    tiny = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())["model"]["tiny"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        synth_dir = write_synth(tmp / "synth", SynthConfig())
-        model_dir = build_tiny_model_dir(tmp / "model", tiny, seed=0)
+        synth_dir, model_dir = tiny_dirs(tmp)
         ours_t, ours_len = ours(model_dir, synth_dir, tmp / "ours", args)
         trl_t, trl_len = trl_side(model_dir, synth_dir, tmp / "trl", args)
     o, t = statistics.median(ours_t), statistics.median(trl_t)

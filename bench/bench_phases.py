@@ -27,9 +27,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from results import record  # noqa: E402
+from tiny import tiny_dirs  # noqa: E402
 from safegrpo.config import load_config  # noqa: E402
-from safegrpo.data.tiny_model import build_tiny_model_dir  # noqa: E402
-from safegrpo.data.synth import SynthConfig, write_synth  # noqa: E402
 from safegrpo.trainer import Trainer  # noqa: E402
 
 
@@ -55,8 +54,7 @@ def main():
     base = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        synth = write_synth(tmp / "synth", SynthConfig())
-        model_dir = build_tiny_model_dir(tmp / "model", base["model"]["tiny"], seed=0)
+        synth, model_dir = tiny_dirs(tmp)
         cfg = {**base, "model": {"path": str(model_dir)}, "sft": {"enabled": False},
                "grpo": {**base["grpo"], "beta": 0.01, "ptx_coef": 0.0},    # the paper's GRPO step alone
                "data": {**base["data"], "train": str(synth / "train.parquet"), "test": str(synth / "test.parquet")},

@@ -13,24 +13,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from results import record  # noqa: E402
-from safegrpo.data.records import load_parquet  # noqa: E402
-from safegrpo.model import load_model, load_processor  # noqa: E402
-from safegrpo.data.tiny_model import build_tiny_model_dir
-from safegrpo.safety.prompting import encode_prompts  # noqa: E402
+from tiny import rollout_inputs  # noqa: E402
 from safegrpo.rl.rollout import generate  # noqa: E402
-from safegrpo.data.synth import SynthConfig, write_synth  # noqa: E402
 
 
 def hf_tokens(out: torch.Tensor, prompt_len: int, eos: int, pad: int) -> int:
@@ -48,15 +42,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    tiny = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())["model"]["tiny"]
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        synth = write_synth(tmp / "synth", SynthConfig())
-        model_dir = build_tiny_model_dir(tmp / "model", tiny, seed=0)
-        model, processor = load_model(model_dir).eval(), load_processor(model_dir)
-        recs = load_parquet(synth / "train.parquet", limit=args.prompts)
+    model, processor, batch = rollout_inputs(args.prompts)
     tok = processor.tokenizer
-    batch = encode_prompts(processor, recs, "compact")
     eos, pad = model.generation_config.eos_token_id, tok.pad_token_id
 
     def ours(seed):
