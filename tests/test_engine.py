@@ -69,3 +69,39 @@ def test_the_budget_is_honoured_and_too_small_a_budget_is_an_error(skewed):
         run(model, proc, batch, stops, 50)
     with pytest.raises(ValueError, match="rollout.max_batch_tokens=50 holds no prompt on the Hugging Face step"):
         run(model, proc, batch, stops, 50, lean=False)
+
+
+
+@pytest.mark.parametrize("group_size", [2, 3, 4])
+def test_small_groups_with_likely_eos_at_every_budget(skewed, group_size):
+    """Rows end so often (about one in six per step) that the live rows of several prompts are
+    sometimes one sample each ([s0 g0, s1 g0]): the engine must not take those for whole groups
+    of a smaller size (it once inferred G from the largest live sample index and crashed in the
+    grouped attention; seed sets 78, 186, 252 at G = 2 and 156, 258 at G = 3 did). Every budget
+    still gives the static Hugging Face step's completions."""
+    model, proc, batch, _ = skewed
+    stops = [model.generation_config.eos_token_id] + list(range(200, 560))
+    Lp = batch["input_ids"].shape[1]
+    one_row = Lp + -(-T // PAGE) * PAGE
+    kw = dict(group_size=group_size, max_new_tokens=T, eos_token_id=stops, pad_token_id=proc.tokenizer.pad_token_id)
+    for first in (0, 78, 156, 186, 252, 258):
+        seeds = list(range(first, first + 6))
+        reference = generate(model, batch, seeds=seeds, lean=False, **kw)
+        assert reference.lengths.float().mean() < T / 2                      # EOS is likely indeed
+        for budget in (one_row, 2 * Lp + 2 * group_size * T, 0):
+            ro = generate(model, batch, seeds=seeds, max_batch_tokens=budget, **kw)
+            assert torch.equal(ro.lengths, reference.lengths), (seeds, budget)
+            assert torch.equal(ro.completion_ids, reference.completion_ids), (seeds, budget)
+
+
+def test_live_rows_are_canonical_only_as_whole_groups():
+    """Sample 0 of two prompts is not two whole groups of size 2 (nor of size 1: G is given)."""
+    from safegrpo.rl.rollout import _LiveRows
+    rows = _LiveRows(4, 1, 8, torch.float32, torch.device("cpu"))
+    for b in (0, 1):
+        rows.add(b * 2, 0, b, 0, 0, torch.zeros(8))
+    assert not rows.canonical(2)
+    rows = _LiveRows(4, 1, 8, torch.float32, torch.device("cpu"))
+    for b, g in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        rows.add(b * 2 + g, g, b, 0, 0, torch.zeros(8))
+    assert rows.canonical(2) and not rows.canonical(4)

@@ -178,9 +178,13 @@ class _LiveRows:
         self.n, self.changed = n, True
         return movers, holes
 
-    def canonical(self) -> bool:
-        """Whether row i is sample i % G of prompt slot i // G (all samples of each prompt in order)."""
-        n, G = self.n, int(self.g[:self.n].max()) + 1 if self.n else 1
+    def canonical(self, G: int) -> bool:
+        """Whether row i is sample i % G of prompt slot i // G: every live prompt has all its G
+        samples live, in order (G is the group size, never inferred from the live rows: sample 0
+        of two prompts is not two groups of one)."""
+        n = self.n
+        if n % G:
+            return False
         ar = torch.arange(n, device=self.g.device)
         return bool(((self.prompt[:n] == ar // G) & (self.g[:n] == ar % G)).all())
 
@@ -285,7 +289,7 @@ def _continuous(model, batch, G, T, pad_id, budget, *, eos, W, banned, temperatu
         stored += n                                                  # this step writes one token per row
         peak = max(peak, sum(lp[b] for b in slot_prompt) + stored)
         if rows.changed:                  # rows i = sample i % G of prompt slot i // G: no scatter in attention
-            canonical, rows.changed = n % G == 0 and rows.canonical(), False
+            canonical, rows.changed = rows.canonical(G), False
         t = rows.t[:n]
         rows.h[:n] = dec.step(rows.tok[:n], rows.pos0[:n] + t, rows.prompt[:n], rows.g[:n], t, rows.table[:n],
                               canonical, t_max)
