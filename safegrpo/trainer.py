@@ -346,8 +346,8 @@ class Trainer:
         # 5. log-probs without grad: reference, and the old policy when a rollout feeds > 1 update
         t0 = time.perf_counter()
         passes = self.plan_passes(grp)                       # per mini-batch: prompt ranges of its passes
-        ref_logp = self.no_grad_logprobs(self.ref_fwd, grp, passes, reference=True) if self.has_ref else None
-        old_logp = self.no_grad_logprobs(self.policy_fwd, grp, passes) if self.updates_per_step > 1 else None
+        ref_logp = self.no_grad_logprobs(self.ref_fwd, grp, passes, sampled, reference=True) if self.has_ref else None
+        old_logp = self.no_grad_logprobs(self.policy_fwd, grp, passes, sampled) if self.updates_per_step > 1 else None
         t_ref = time.perf_counter() - t0
         # 6. update -------------------------------------------------------------------------------
         t0 = time.perf_counter()
@@ -509,23 +509,33 @@ class Trainer:
                                  "of this state. Lower optim.lr or resume from the last checkpoint.") from None
 
     @torch.no_grad()
-    def no_grad_logprobs(self, fwd, grp: Groups, passes, reference: bool = False) -> torch.Tensor | None:
+    def no_grad_logprobs(self, fwd, grp: Groups, passes, spare: Groups, reference: bool = False) -> torch.Tensor | None:
         """Log-probs [N, T] of the completions under `fwd.model` (the old policy, or with
-        reference=True the reference: the frozen model, or with LoRA the adapter-free network)."""
-        if not grp.n:
-            return None
+        reference=True the reference: the frozen model, or with LoRA the adapter-free network);
+        None on a rank without groups (DAPO can leave one empty).
+        Under FSDP every rank runs the same passes, as in `update`: a padding pass (None) runs
+        spare's first group and drops the result. A rank that skipped them would miss the
+        gather (a collective) or leave FSDP's recorded forward order, which the next backward
+        uses to prefetch, different from the other ranks', and the job would hang."""
         was, G = fwd.model.training, self.G
         fwd.model.eval()
         ids, mask = grp.ro.completion_ids, grp.ro.mask
         kw = {"reference": True} if reference and self.lora else {}
+        out = []
         # under FSDP: gathered once for all passes, and resharded on exit (a forward without
         # backward would otherwise leave the root unit holding a gathered copy that the next
         # optimizer step makes stale)
         with self.amp(), dist.gathered(fwd):
-            out = torch.cat([fwd(slice_prompts(grp.batch, a, b, grp.images), ids[a * G:b * G], mask[a * G:b * G], G,
-                                 self.temperature, **kw) for mini in passes for a, b in filter(None, mini)])
+            for p in (p for mini in passes for p in mini):
+                if p is None:
+                    fwd(slice_prompts(spare.batch, 0, 1, spare.images), spare.ro.completion_ids[:G], spare.ro.mask[:G],
+                        G, self.temperature, **kw)
+                    continue
+                a, b = p
+                out.append(fwd(slice_prompts(grp.batch, a, b, grp.images), ids[a * G:b * G], mask[a * G:b * G], G,
+                               self.temperature, **kw))
         fwd.model.train(was)
-        return out
+        return torch.cat(out) if out else None
 
     def metrics(self, step, ranks: list[RankResult], stats: dict, times) -> dict:
         """The step's line of metrics.jsonl, over the completions of all ranks."""

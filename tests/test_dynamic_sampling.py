@@ -76,3 +76,31 @@ def test_filtering_under_two_processes_matches_one(tmp_path, tiny_model_dir, syn
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0, msg=k)
     assert rows(tmp_path / "one")[0]["dapo/kept"] == rows(tmp_path / "two")[0]["dapo/kept"]
+
+
+def test_a_rank_left_without_groups_for_the_whole_step_finishes_and_matches_one(tmp_path, tiny_model_dir, synth_dir):
+    """DAPO drops every group of rank 1 in the step (its records are combined-safe: the plug-in
+    scores them 0) and keeps rank 0's: rank 1 must still join the reference and old-policy
+    passes' gathers (FSDP collectives) instead of returning early, which hung the job."""
+    from safegrpo.data.records import load_parquet, write_parquet
+    from safegrpo.data.samplers import EpochSampler
+    recs = load_parquet(synth_dir / "train.parquet", limit=200)
+    safe = [r for r in recs if r.combine_tag == "safe"][:2]
+    unsafe = [r for r in recs if r.combine_tag == "unsafe"][:2]
+    # 4 prompts per step, mini-batches of 2 over 2 ranks: rank 0 owns draw positions 0 and 2, rank 1 owns 1 and 3
+    draw = EpochSampler(4, 0).take(4)
+    table = [None] * 4
+    for pos, r in zip(range(4), [unsafe[0], safe[0], unsafe[1], safe[1]]):
+        table[draw[pos]] = r
+    write_parquet(table, tmp_path / "four.parquet")
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{
+        **PLUGIN, "data.train": str(tmp_path / "four.parquet"), "grpo.filter_zero_std": True,
+        "train.prompts_per_step": 4, "train.mini_batch_prompts": 2, "train.micro_batch_prompts": 1,
+        "train.save_every": 1, "optim.lr": 1e-3})
+    run_dist(cfg, 1, tmp_path / "one", timeout=300)
+    p = run_dist(cfg, 2, tmp_path / "two", timeout=180)
+    assert "[world] 2 process(es)" in p.stdout
+    assert rows(tmp_path / "one")[0]["dapo/kept"] == 2 == rows(tmp_path / "two")[0]["dapo/kept"]
+    one, two = weights(tmp_path / "one", 1), weights(tmp_path / "two", 1)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0, msg=k)
