@@ -14,7 +14,9 @@ layers), b the bytes of model.dtype, L layers, H hidden, I MLP width, V vocabula
                                       process, under bf16 autocast, the decoder's bf16 copy N_l 2
     KV cache     K (L kvh d (b_k + b_v))   K = rollout.max_batch_tokens, or every prompt and row at once
     activations  per forward/backward pass of S tokens (train.micro_batch_tokens, else
-                 micro_batch_prompts x (max prompt + G x max new)), b_a = 2 under bf16, else 4:
+                 micro_batch_prompts x (c x max prompt + G x max new), c the prompt's copies a
+                 pass runs: 1, or G for the Hugging Face layers under their own checkpointing,
+                 see `prompt_copies`), b_a = 2 under bf16, else 4:
                  checkpointed: L S H b_a (layer inputs) + S (6H + 3I) b_a (one layer recomputed);
                  otherwise: L S (6H + 3I) b_a
     log-probs    C V 4 x 2 (a chunk of logits and its exponentials) + V H 4 when the LM head is
@@ -55,6 +57,7 @@ class ModelSize:
     kv_heads: int
     head_dim: int
     heads: int = 0
+    lean: bool = True                     # the lean decoder's layer math applies (rl/decode.lean_supported)
 
 
 def model_size(model_config, freeze_vision: bool = False) -> ModelSize:
@@ -67,11 +70,12 @@ def model_size(model_config, freeze_vision: bool = False) -> ModelSize:
     n = sum(p.numel() for p in model.parameters())
     vision = sum(p.numel() for n_, p in model.named_parameters() if "visual" in n_)
     layers = sum(p.numel() for n_, p in model.named_parameters() if ".layers." in n_ and "visual" not in n_)
+    from .rl.decode import lean_supported
     t = model_config.get_text_config()
     heads = t.num_attention_heads
     return ModelSize(n, n - vision if freeze_vision else n, layers, t.num_hidden_layers, t.hidden_size,
                      t.intermediate_size, t.vocab_size, getattr(t, "num_key_value_heads", heads),
-                     getattr(t, "head_dim", None) or t.hidden_size // heads, heads)
+                     getattr(t, "head_dim", None) or t.hidden_size // heads, heads, lean_supported(model))
 
 
 def lora_params(size: ModelSize, rank: int, targets) -> int:
@@ -119,6 +123,16 @@ def _size(n: int) -> str:
     return f"{n / GB:8.2f} GB" if n >= GB / 10 else f"{n / 2 ** 20:8.2f} MB"
 
 
+def prompt_copies(checkpointing: bool, hf_layers: bool, group_size: int) -> int:
+    """How many times a forward/backward pass of the update runs each prompt (rl/forward.py): once
+    (the lean layer math, every layer checkpointed under gradient checkpointing, the prompt pass
+    too; or the Hugging Face forward over a repeated cache without checkpointing), or G times
+    (the Hugging Face layers under their own checkpointing, which drops the cache: models the
+    lean math does not cover, and FSDP2-sharded ones, `hf_layers`). Passes are planned, and
+    train.micro_batch_tokens counted, in the tokens the pass really runs."""
+    return group_size if checkpointing and hf_layers else 1
+
+
 def plan_memory(cfg: Config, size: ModelSize, world_size: int, device_bytes: int) -> MemoryPlan:
     """The plan of the module docstring for `cfg` on `world_size` ranks of `device_bytes` each."""
     W, m, r, t = world_size, cfg.model, cfg.rollout, cfg.train
@@ -142,7 +156,8 @@ def plan_memory(cfg: Config, size: ModelSize, world_size: int, device_bytes: int
     per_rank_prompts = t.prompts_per_step // W
     kv_tokens = r.max_batch_tokens or per_rank_prompts * (cfg.data.max_prompt_length + r.group_size * r.max_new_tokens)
     items["KV cache"] = kv_tokens * size.layers * size.kv_heads * size.head_dim * (b_k + b_v)
-    pass_tokens = t.micro_batch_tokens or t.micro_batch_prompts * (cfg.data.max_prompt_length
+    copies = prompt_copies(m.gradient_checkpointing, W > 1 or not size.lean, r.group_size)
+    pass_tokens = t.micro_batch_tokens or t.micro_batch_prompts * (copies * cfg.data.max_prompt_length
                                                                    + r.group_size * r.max_new_tokens)
     layer_work = pass_tokens * (6 * size.hidden + 3 * size.intermediate) * b_act
     items["activations"] = (size.layers * pass_tokens * size.hidden * b_act + layer_work

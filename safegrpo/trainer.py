@@ -37,11 +37,11 @@ from .eval.metrics import evaluate as evaluate_model, generate_completions, scor
 from .files import atomic_path, write_atomic
 from .loggers import Loggers
 from .lora import apply_lora, logprobs as lora_logprobs, read_adapter
-from .memory import MemoryPlan, device_memory, model_size, plan_memory
+from .memory import MemoryPlan, device_memory, model_size, plan_memory, prompt_copies
 from .model import disable_dropout, load_model, load_processor, max_pixels, resolve_model_path
 from .optim import NonFiniteError, autocast, check_finite, make_optimizer
 from .rl.batching import micro_batches, slice_prompts, split_to
-from .rl.decode import decode_path
+from .rl.decode import decode_path, lean_supported
 from .rl.forward import completion_logprobs
 from .rl.grpo import group_advantages, grpo_loss
 from .rl.reward_fn import PluginReward
@@ -259,11 +259,12 @@ class Trainer:
         self.plan_memory(init_path)
         self.init_path = init_path
         self.lora = c.model.lora.rank > 0           # adapters train; the reference is the adapter-free network
-        self.policy = disable_dropout(self.load_model(init_path if self.lora else ckpt or init_path))
+        self.policy = self.load_model(init_path if self.lora else ckpt or init_path)
         if self.lora:
             apply_lora(self.policy, c.model.lora, seed=tr.seed)
             if ckpt is not None:
                 read_adapter(ckpt, self.policy)
+        disable_dropout(self.policy)                # after the adapters: their lora_dropout too
         if dist.is_main():
             print(f"[rollout] decode path: {decode_path(self.policy)}")
             if c.rollout.top_p < 1:
@@ -409,8 +410,10 @@ class Trainer:
         the same number on every rank (FSDP's collectives pair up pass by pass): a rank with too
         few prompts for them runs zero-weight passes (None)."""
         tr, U = self.cfg.train, self.updates_per_step
-        costs = (grp.batch["attention_mask"].sum(-1).cpu() + grp.ro.lengths.view(-1, self.G).sum(-1).cpu()).tolist() \
-            if grp.n else []
+        # a pass's cost: the tokens it runs (each prompt once, or G times: memory.prompt_copies)
+        copies = prompt_copies(self.cfg.model.gradient_checkpointing, not lean_supported(self.policy), self.G)
+        costs = (copies * grp.batch["attention_mask"].sum(-1).cpu() + grp.ro.lengths.view(-1, self.G).sum(-1).cpu()
+                 ).tolist() if grp.n else []
         # mini-batch u: the u-th of U equal shares of the step's groups over all ranks, in order of
         # position (without filtering: positions [u*MB, (u+1)*MB), see `layout`); a rank's
         # positions ascend, so its share of each mini-batch is contiguous

@@ -175,3 +175,27 @@ def test_lora_two_processes_equal_one(tmp_path, tiny_model_dir, synth_dir):
     assert set(x) == set(y) and any(v.abs().max() > 0 for k, v in x.items() if "lora_B" in k)
     for k in x:
         torch.testing.assert_close(y[k], x[k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_lora_dropout_is_off_in_every_log_prob_of_the_update(tmp_path, tiny_model_dir, synth_dir):
+    """model.lora.dropout > 0 is the adapters' own dropout: the update (training mode) must see
+    the same network as the rollout, the old and the reference log-probs (eval mode)."""
+    cfg = load_config(lora_cfg(tmp_path, tiny_model_dir, synth_dir, **{"data.test": ""}))
+    cfg.model.lora.dropout = 0.5
+    tr = Trainer(cfg)
+    tr.setup(tiny_model_dir)
+    with torch.no_grad():                                 # adapters that change the output
+        for n, p in tr.policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
+    assert not [m for m in tr.policy.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    batch, _ = _batch(tiny_model_dir, synth_dir)
+    ids = torch.randint(5, 1000, (4, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        tr.policy.eval()
+        want = tr.policy_fwd(batch, ids, mask, 2)
+        tr.policy.train()
+        got = [tr.policy_fwd(batch, ids, mask, 2) for _ in range(2)]
+    for g in got:
+        torch.testing.assert_close(g, want, atol=1e-6, rtol=0)

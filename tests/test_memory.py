@@ -74,3 +74,18 @@ def test_lora_drops_the_reference_and_shrinks_optimizer_and_gradients(qwen3_vl_8
     assert plan.items["weights"] == (N + Nt) * 4 // W
     saved = full.update - plan.update
     assert saved == (N * 4 // W) + (2 * N * 4 // W - 2 * Nt * 4 // W) + (N * 4 // W - Nt * 4 // W) - Nt * 4 // W
+
+
+def test_pass_tokens_are_the_tokens_the_update_path_runs(qwen3_vl_8b):
+    """Per pass of one prompt: on one process the lean layer math runs the prompt once, every
+    layer checkpointed (the prompt pass too); sharded by FSDP2 the Hugging Face layers run under
+    their own checkpointing, which drops the cache, so each of the G sequences carries its prompt."""
+    over = ["train.micro_batch_tokens=0", "train.micro_batch_prompts=1"]
+    Lp, G, T = 2048, 8, 4096
+    assert qwen3_vl_8b.lean
+    one = plan_memory(load_config("configs/qwen3_vl_8b_safegrpo.yaml", over, world_size=1), qwen3_vl_8b, 1, 80 * GB)
+    four = plan_memory(load_config("configs/qwen3_vl_8b_safegrpo.yaml", over, world_size=4), qwen3_vl_8b, 4, 80 * GB)
+    assert one.pass_tokens == Lp + G * T and four.pass_tokens == G * Lp + G * T
+    for plan in (one, four):
+        S = plan.pass_tokens
+        assert plan.items["activations"] == L * S * H * 2 + S * (6 * H + 3 * I) * 2   # checkpointed, bf16

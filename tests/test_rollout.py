@@ -238,3 +238,40 @@ def test_checkpointed_update_runs_each_prompt_once(tiny_model_dir, synth_dir):
     B, Lp = batch["input_ids"].shape
     assert [tuple(s) for s in seen] == [(B, Lp)]                  # one prefill of the B prompts, nothing else
     assert torch.allclose(ckpt, plain, atol=1e-6) and torch.allclose(g_ckpt, g_plain, atol=1e-6)
+
+
+def test_checkpointing_saves_nothing_inside_a_decoder_layer(tiny_model_dir, synth_dir):
+    """Under gradient checkpointing every decoder layer keeps only its input [B, Lp, H] for the
+    backward (what the memory plan counts), the prompt's pass included (it once kept every prompt layer's activations: ~9 GB per
+    2,048-token prompt at Qwen3-VL-8B's size, which the memory plan did not count). A tensor saved
+    for backward while a layer's forward runs, outside its checkpoint, would show here."""
+    model, proc = load_model(tiny_model_dir), load_processor(tiny_model_dir)
+    batch = encode_prompts(proc, load_parquet(synth_dir / "test.parquet", limit=3), "compact")
+    G = 2
+    ids = torch.randint(5, 1000, (3 * G, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    inside, saved = [], []
+    for layer in model.model.language_model.layers:
+        layer.register_forward_pre_hook(lambda *a: inside.append(1))
+        layer.register_forward_hook(lambda *a: [inside.pop(), None][1])
+
+    def pack(t):
+        if inside:
+            saved.append(t.numel())
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        completion_hidden(model, batch, ids, mask, G).sum().backward()
+    assert saved                                                   # without checkpointing: the activations
+    saved.clear()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        completion_hidden(model, batch, ids, mask, G).sum().backward()
+    B, Lp = batch["input_ids"].shape
+    layers = model.config.text_config.num_hidden_layers
+    assert saved == [B * Lp * model.config.text_config.hidden_size] * layers   # each layer's input, nothing else
+    for n, g in want.items():                                     # and the same gradients
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, atol=1e-5, rtol=1e-4, msg=n)

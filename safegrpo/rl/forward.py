@@ -12,8 +12,10 @@ This is exact (the same attention as the concatenated sequence) and differentiab
 backpropagates through the repeated cache into the prompt pass. It saves (G-1)/G of the prompt
 compute in every phase. For the models the lean decoder covers, `lean_completion_hidden` runs the
 completions through the layers' own weights (bit-identical to the Hugging Face step in the
-tests), which also works under gradient checkpointing: each layer is checkpointed with its
-prompt keys and values as inputs, so the prompt is still computed once. Other models under
+tests), which also works under gradient checkpointing: the prompt's pass is checkpointed layer
+by layer (its keys and values go to a `ReplayableLayer` cache) and each completion layer with
+the prompt's keys and values as inputs, so the prompt is still computed once and every layer
+keeps only its input. Other models under
 Hugging Face's checkpointing (which drops the cache) take `full_sequence_hidden`: each prompt with
 its completions as one sequence (exact, G copies of the prompt); so do models sharded by FSDP2
 outside a gathered context. The LM head is applied separately (fused log-probs, logprobs.py),
@@ -73,6 +75,17 @@ class PreallocatedLayer(DynamicLayer):
             self.keys, self.values = self._k[..., :self.length, :], self._v[..., :self.length, :]
 
 
+class ReplayableLayer(DynamicLayer):
+    """A prefill's cache layer whose decoder layer is checkpointed: the layer writes it in the
+    forward and again when the backward replays the layer, and each write replaces the keys and
+    values (a prefill writes once), so the replay computes what the forward did."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.device, self.is_initialized = key_states.device, True
+        self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+
 def new_cache(model, reserve: int = 0) -> DynamicCache:
     """A DynamicCache for `model`; with reserve > 0 its layers pre-allocate room for that many
     tokens after the prefill (decoding). Autograd through in-place writes is not needed there."""
@@ -120,10 +133,10 @@ def continuation_positions(model, next_pos: torch.Tensor, length: int, offset: i
     return pos.unsqueeze(0).expand(3, -1, -1) if is_vision_model(model) else pos
 
 
-def prefill(model, batch: dict, position_ids: torch.Tensor, reserve: int = 0):
+def prefill(model, batch: dict, position_ids: torch.Tensor, reserve: int = 0, cache=None):
     """Run prompts once; returns (hidden of the last prompt position [B, H], cache). `reserve`:
     tokens of decoding to pre-allocate in the cache (0: a plain DynamicCache, for autograd)."""
-    cache = new_cache(model, reserve)
+    cache = new_cache(model, reserve) if cache is None else cache
     kw = {k: batch[k] for k in VISION_KEYS if batch.get(k) is not None}
     out = base_model(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             position_ids=position_ids, cache=cache, use_cache=True, **kw)
@@ -170,18 +183,29 @@ def _checkpointing(model) -> bool:
 
 class _no_layer_checkpointing:
     """Context: the given modules (the text model and its decoder layers) run without Hugging
-    Face's gradient checkpointing, which would drop the cache; restored on exit."""
+    Face's gradient checkpointing, which would drop the cache; restored on exit. With
+    `checkpoint_layers` the decoder layers' forwards are checkpointed by us instead (module hooks,
+    FSDP's too, stay outside), writing the prompt's keys and values to a `ReplayableLayer` cache:
+    the prompt pass then keeps each layer's input, not its activations."""
 
-    def __init__(self, layers):
-        self.layers = [m for m in layers if getattr(m, "gradient_checkpointing", False)]
+    def __init__(self, text, layers, checkpoint_layers: bool = False):
+        self.off = [m for m in (text, *layers) if getattr(m, "gradient_checkpointing", False)]
+        self.wrapped = list(layers) if checkpoint_layers else []
 
     def __enter__(self):
-        for m in self.layers:
+        from torch.utils.checkpoint import checkpoint
+        for m in self.off:
             m.gradient_checkpointing = False
+        for m in self.wrapped:       # the layer's own forward, without Hugging Face's checkpointing
+            # wrapper, which the backward's replay (outside this context) would otherwise run
+            fwd = getattr(type(m).forward, "__wrapped__", type(m).forward).__get__(m)
+            m.forward = lambda *a, _f=fwd, **kw: checkpoint(_f, *a, use_reentrant=False, **kw)
 
     def __exit__(self, *exc):
-        for m in self.layers:
+        for m in self.off:
             m.gradient_checkpointing = True
+        for m in self.wrapped:
+            del m.forward                                  # the class's forward again
         return False
 
 
@@ -225,8 +249,11 @@ def lean_completion_hidden(model, batch: dict, completion_ids: torch.Tensor, com
     tm = text_model(model)
     ckpt = _checkpointing(model)
     pos, next_pos = prompt_positions(model, batch)
-    with _no_layer_checkpointing([tm, *tm.layers]):
-        last, cache = prefill(model, batch, pos)                              # [B, H], keys [B, kvh, Lp, d]
+    cache = new_cache(model)
+    if ckpt:                                     # the prompt pass checkpointed too, layer by layer
+        cache.layers = [ReplayableLayer() for _ in cache.layers]
+    with _no_layer_checkpointing(tm, tm.layers, checkpoint_layers=ckpt):
+        last, cache = prefill(model, batch, pos, cache=cache)                 # [B, H], keys [B, kvh, Lp, d]
     G, T = group_size, completion_ids.shape[1]
     first = last.repeat_interleave(G, dim=0)[:, None]                           # [N, 1, H]
     if T == 1:
