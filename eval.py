@@ -28,6 +28,7 @@ from safegrpo.files import write_atomic
 from safegrpo.lora import is_adapter_dir
 from safegrpo.model import load_model, load_processor
 from safegrpo.data.synth import synth_ready
+from safegrpo.safety.judge import load_judge
 
 DEFAULT_BENCHMARKS = ["safetag-synth", "figstep", "mossbench", "xstest", "mmsafeaware"]
 
@@ -96,6 +97,11 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.judge = args.judge or cfg.grpo.refusal_judge
+    try:                                  # a bad judge is known now, not after the first benchmark's generation
+        load_judge(args.judge)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     args.max_new_tokens = args.max_new_tokens or cfg.rollout.max_new_tokens
     prompt_style = args.prompt_style or cfg.data.prompt_style
 
@@ -110,14 +116,23 @@ def main(argv=None):
         return 2
 
     out = Path(args.out) if args.out else ckpt / "eval"
-    suites, skipped = {}, {}
+    suites, skipped, data_paths = {}, {}, {}
     for name, path in parse_benchmarks(args.benchmark):
         report = []
         kw = {"synth": cfg.data.synth} if name == "safetag-synth" else {}
+        if path and not Path(path).exists():   # a typo must not quietly evaluate other data
+            print(f"error: --benchmark {name}={path}: no such file or folder", file=sys.stderr)
+            return 2
         if name == "safetag-synth":         # read where training generated it; never rewrite that folder
+            given = path
             path = path or cfg.data.synth_dir
             if not synth_ready(path, cfg.data.synth):
+                if given:
+                    print(f"error: --benchmark safetag-synth={given} holds no SafeTag-Synth split generated "
+                          "with this config's data.synth", file=sys.stderr)
+                    return 2
                 path = out / "safetag-synth"
+        data_paths[name] = str(Path(path).resolve()) if path else "(the benchmark's default location)"
         try:
             records = load_benchmark(name, path, skip_missing=args.skip_missing, report=report, **kw)
         except (BenchmarkError, ValueError) as e:
@@ -135,7 +150,7 @@ def main(argv=None):
     label = "after" if args.compare else "model"
     runs[label] = (ckpt, run_checkpoint(ckpt, suites, args, prompt_style, out, label))
 
-    report = {"checkpoint": str(ckpt), "benchmarks": runs[label][1], "judge": args.judge,
+    report = {"checkpoint": str(ckpt), "benchmarks": runs[label][1], "data": data_paths, "judge": args.judge,
               "settings": {"prompt_style": prompt_style, "max_new_tokens": args.max_new_tokens,
                            "temperature": args.temperature, "top_p": args.top_p, "limit": args.limit,
                            "shared": str(SHARED)},

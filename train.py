@@ -17,9 +17,9 @@ from safegrpo import distributed as dist
 from safegrpo.checkpoint import CheckpointError, RunDirError
 from safegrpo.config import load_config
 from safegrpo.eval.metrics import comparison_table
-from safegrpo.files import write_atomic
+from safegrpo.files import NotOursError, write_atomic
 from safegrpo.eval.plots import plot_rewards
-from safegrpo.trainer import NonFiniteError, Trainer
+from safegrpo.trainer import NonFiniteError, NothingToLearnError, Trainer
 
 
 def main(argv=None):
@@ -38,7 +38,11 @@ def main(argv=None):
         if not is_adapter_dir(ckpt):
             print(f"[error] {ckpt} is not a LoRA checkpoint (no adapter_config.json)", file=sys.stderr)
             return 2
-        print(f"merged model: {export_merged(ckpt, out)}")
+        try:
+            print(f"merged model: {export_merged(ckpt, out)}")
+        except NotOursError as e:
+            print(f"[error] {e}", file=sys.stderr)
+            return 2
         return 0
     if not args.config:
         ap.error("--config is required")
@@ -47,10 +51,16 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         print(f"[error] {e}", file=sys.stderr)
         return 2
-    cfg.train.device = str(dist.init_from_env(cfg.train.device))   # torchrun: join the process group
+    cfg.train.device = str(dist.init_from_env(cfg.train.device, cfg.train.collective_timeout_s))   # torchrun: join the process group
+    t_start = time.time()
+    try:                   # what can be known before the warm start: one line, no traceback
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    except (RunDirError, CheckpointError, NotOursError, ValueError, FileNotFoundError, ImportError) as e:
+        print(f"[error] {e}", file=sys.stderr)
+        return 2
     try:
-        code = run(cfg, args)
-    except (RunDirError, CheckpointError) as e:
+        code = run(cfg, trainer, t_start)
+    except (RunDirError, CheckpointError, NotOursError) as e:
         print(f"[error] {e}", file=sys.stderr)
         return 2
     if code == 0:          # after a failure torchrun tears the group down; a barrier could pair
@@ -58,10 +68,8 @@ def main(argv=None):
     return code
 
 
-def run(cfg, args) -> int:
+def run(cfg, trainer: Trainer, t_start: float) -> int:
     """Warm start, evaluation, SafeGRPO, evaluation; returns the exit code."""
-    t_start = time.time()
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
     main_rank = dist.is_main()
     say = print if main_rank else (lambda *a, **k: None)
     say(f"[world] {dist.world_size()} process(es), device {cfg.train.device}")
@@ -72,7 +80,7 @@ def run(cfg, args) -> int:
     dist.barrier()
     try:
         final = trainer.fit(init_path=init)
-    except NonFiniteError as e:
+    except (NonFiniteError, NothingToLearnError) as e:
         print(f"[error] {e}", file=sys.stderr)
         return 2
     if not main_rank:

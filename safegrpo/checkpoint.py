@@ -39,10 +39,12 @@ STATE_FILES = ("trainer_state.json", "optimizer.safetensors", "rng.safetensors")
 # what a run writes into its directory (claim_run_dir deletes only these, with --overwrite)
 RUN_FILES = {"config.yaml", "metrics.jsonl", "checkpoints", "sft", "sft_metrics.jsonl", "caption_metrics.jsonl",
              "eval_before.json", "eval_after.json", "eval_before_samples.jsonl", "eval_after_samples.jsonl",
-             "eval_table.md", "reward_curves.png", "tensorboard", "wandb"}
+             "eval_table.md", "reward_curves.png", "tensorboard", "wandb", ".lock"}
+LOCK = ".lock"                 # held (flock) by the live process that owns the run directory
 # settings that may change when a run is resumed (they do not change what is computed)
 RESUMABLE_CHANGES = ("train.steps", "train.save_every", "train.eval_every", "train.eval_limit", "train.threads",
-                     "train.device", "train.out_dir")
+                     "train.device", "train.out_dir", "train.collective_timeout_s", "grpo.max_empty_steps",
+                     "rollout.max_batch_tokens")     # completions do not depend on the KV budget (tests/test_engine.py)
 
 
 class CheckpointError(RuntimeError):
@@ -88,7 +90,7 @@ def save_checkpoint(ckpt_root, step: int, model, processor, optimizer, state: di
     weights = dist.full_state_dict(model) if dist.active() else None
     tensors, groups = _flatten_optimizer(model, optimizer)
     if dist.is_main():
-        with atomic_path(final) as tmp:                      # .step_N.tmp-PID until complete
+        with atomic_path(final, ours=lambda p: True) as tmp:    # a step of this run; .step_N.tmp-PID until complete
             if adapter is not None:
                 tmp.mkdir(parents=True)
                 save_adapter(tmp, adapter_state(weights if weights is not None else model.state_dict()), *adapter)
@@ -193,6 +195,31 @@ def resumable_checkpoint(ckpt_root, cfg: Config, say=print) -> Path | None:
     return found
 
 
+def lock_run_dir(out: Path):
+    """Take the run directory for this process: an exclusive lock on out/.lock, held until the
+    process ends (the returned file must stay open), so two train.py never write one run
+    (interleaved metrics, clashing checkpoints). A live holder is named; a dead one's lock is
+    released by the OS, so a killed run can be resumed at once."""
+    import fcntl
+    import os
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        pid = fh.read().strip() or "?"
+        fh.close()
+        raise RunDirError(f"{out} is in use by a live run (process {pid}); wait for it to end, or choose another "
+                          "train.out_dir") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
+
+
 def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Make `out` this run's directory. A directory holding another run's checkpoints or
     metrics is refused unless resuming it, or deleted first with overwrite (only the files a
@@ -216,7 +243,8 @@ def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
         raise RunDirError(f"--overwrite: {out} also holds files a run does not write ({', '.join(foreign[:10])}); "
                           "not deleting anything. Choose another train.out_dir")
     for p in entries:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if p.name != LOCK:                  # ours, held now: deleting it would let a second run lock a new file
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def prune_checkpoints(ckpt_root, keep: int) -> None:

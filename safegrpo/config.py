@@ -15,7 +15,9 @@ Errors name the file, the key, the value and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,9 +166,12 @@ class GRPOConfig:
                                                 # advantage) leave the update
     oversample: float = opt(0.0, ge(0.0))       # with filter_zero_std: draw more prompts (up to (1 + this) x
                                                 # prompts_per_step in all) until prompts_per_step groups are informative
+    max_empty_steps: int = opt(10, ge(0))       # with filter_zero_std: stop after this many steps in a row in which
+                                                # no group anywhere had reward spread (nothing learned); 0 = never
     reward: str = opt("")                       # "" = the SafeGRPO rule; package.module:function with verl's
                                                 # custom-reward signature (rl/reward_fn.py)
     reward_timeout_s: float = opt(0.0, ge(0.0))  # > 0: a plug-in call running longer is stopped and scores 0
+    reward_workers: int = opt(4, ge(1))         # with reward_timeout_s: worker processes the plug-in's calls run on at once
 
 
 @dataclass
@@ -212,7 +217,9 @@ class TrainConfig:
     eval_every: int = opt(0, ge(0))             # validate every N GRPO steps (greedy on the test split, val/... keys
                                                 # in metrics.jsonl, points on reward_curves.png); 0 = not during training
     eval_limit: int = opt(0, ge(0))             # test records for validation and the before/after evaluations; 0 = all
-    device: str = opt("cpu", lambda v: None if v.split(":")[0] in ("cpu", "cuda") else "must be cpu, cuda or cuda:N")
+    collective_timeout_s: int = opt(7200, ge(60))   # under torchrun: the longest a rank waits in a collective
+                                                # (the others wait while rank 0 runs the warm start and evaluations)
+    device: str = opt("cpu", lambda v: None if re.fullmatch(r"cpu|cuda(:\d+)?", v) else "must be cpu, cuda or cuda:N")
     threads: int = opt(0, ge(0))                # torch threads on CPU; 0 = leave as is
     check_memory: bool = opt(True)              # print the memory plan at start-up and stop when a phase does not
                                                 # fit the device (memory.py; an estimate)
@@ -301,13 +308,17 @@ def _coerce(value, hint, key: str):
         if isinstance(value, bool):
             raise bad
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+            out = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)      # YAML 1.1 reads 1e-4 (no dot) as a string
+                out = float(value)       # YAML 1.1 reads 1e-4 (no dot) as a string
             except ValueError:
                 raise bad from None
-        raise bad
+        else:
+            raise bad
+        if not math.isfinite(out):       # .inf / .nan pass every range rule, then fail deep inside a run
+            raise ValueError(f"config key {key} must be a finite number, got {value!r}")
+        return out
     if hint is str:
         if not isinstance(value, str):
             raise bad

@@ -43,17 +43,22 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_from_env(device: str) -> torch.device:
-    """Join torchrun's process group when WORLD_SIZE > 1; returns this rank's device."""
+def init_from_env(device: str, timeout_s: int = 7200) -> torch.device:
+    """Join torchrun's process group when WORLD_SIZE > 1; returns this rank's device. timeout_s:
+    how long a collective may wait (train.collective_timeout_s): rank 0 alone runs the warm start
+    and the before/after evaluations while the other ranks wait at a barrier, which NCCL's
+    default of 10 minutes would end."""
+    import datetime
     dev = torch.device(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or active():
         return dev
     if dev.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local), timeout=timeout)
         return torch.device("cuda", local)
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timeout)
     return dev
 
 

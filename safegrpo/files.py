@@ -20,11 +20,21 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+class NotOursError(FileExistsError):
+    """A write would replace a directory the project did not create; nothing was written."""
+
+
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, ours=None):
     """Yields a temporary path to write `path` to (a file, or a directory the caller creates);
-    renamed into place, replacing what was there, when the block ends without an exception."""
+    renamed into place, replacing what was there, when the block ends without an exception.
+    An existing non-empty directory is replaced only when `ours(path)` says this project wrote
+    it (e.g. it holds the project's marker file); otherwise NotOursError names it, before
+    anything is written: nothing a user created is ever deleted."""
     path = Path(path)
+    if path.is_dir() and not path.is_symlink() and any(path.iterdir()) and not (ours and ours(path)):
+        raise NotOursError(f"{path} exists and was not written by safegrpo; not replacing it (choose another "
+                           "path, or move it away)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
     _remove(tmp)

@@ -40,12 +40,14 @@ def _require(module: str, extra: str):
 
 
 class TensorBoard:
-    def __init__(self, out: Path, cfg: Config, start_step: int):
+    def __init__(self, out: Path, cfg: Config, start_step: int, resume: bool = False):
         _require("tensorboard", "tensorboard")
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
-        self.w = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-        if not start_step:
+        # resuming: the points after the checkpoint's step are dropped, as metrics.jsonl's lines
+        # are (also when the run was killed before its first checkpoint: from step 1)
+        self.w = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if resume else None)
+        if not resume:
             for summary in hparams(flat_config(cfg), {}):
                 self.w.file_writer.add_summary(summary)
             self.w.add_text("config", "```\n" + json.dumps(cfg.to_dict(), indent=1) + "\n```")
@@ -61,11 +63,11 @@ class TensorBoard:
 
 
 class WandB:
-    def __init__(self, out: Path, cfg: Config, start_step: int):
+    def __init__(self, out: Path, cfg: Config, start_step: int, resume: bool = False):
         wandb = _require("wandb", "wandb")
         id_file = out / "wandb" / "run_id"
         id_file.parent.mkdir(parents=True, exist_ok=True)
-        run_id = id_file.read_text().strip() if start_step and id_file.is_file() else secrets.token_hex(4)
+        run_id = id_file.read_text().strip() if resume and id_file.is_file() else secrets.token_hex(4)   # one run
         id_file.write_text(run_id)
         self.run = wandb.init(project=cfg.train.wandb_project, dir=str(out), id=run_id, resume="allow",
                               config=flat_config(cfg), name=out.name)
@@ -80,9 +82,9 @@ class WandB:
 class Loggers:
     """The trackers of train.loggers besides jsonl (rank 0 only); `log(metrics)` once per step."""
 
-    def __init__(self, cfg: Config, out: Path, start_step: int = 0):
+    def __init__(self, cfg: Config, out: Path, start_step: int = 0, resume: bool = False):
         kinds = {"tensorboard": TensorBoard, "wandb": WandB}
-        self.trackers = [kinds[k](Path(out), cfg, start_step) for k in cfg.train.loggers if k in kinds]
+        self.trackers = [kinds[k](Path(out), cfg, start_step, resume) for k in cfg.train.loggers if k in kinds]
 
     def log(self, m: dict) -> None:
         for t in self.trackers:
@@ -91,3 +93,11 @@ class Loggers:
     def close(self) -> None:
         for t in self.trackers:
             t.close()
+
+
+def check_trackers(cfg: Config) -> None:
+    """Raise ImportError naming the extra to install for each tracker of train.loggers that
+    cannot be imported (at start-up, before the warm start)."""
+    for k, module in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if k in cfg.train.loggers:
+            _require(module, k)

@@ -173,15 +173,19 @@ def load_merged(directory, load_base):
     return merge(model)
 
 
+EXPORT_MARKER = "safegrpo_export.json"        # marks a folder --export-merged wrote (and may replace)
+
+
 def export_merged(directory, out) -> Path:
     """Write the adapter checkpoint `directory` as a plain Hugging Face model directory `out`
     (the adapter merged into the weights, the processor files copied), atomically."""
     from .files import atomic_path
     from .model import load_model, load_processor
-    model = load_merged(directory, lambda base: load_model(base))
-    processor = load_processor(directory)
     out = Path(out)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, ours=lambda p: (p / EXPORT_MARKER).is_file()) as tmp:     # only an earlier export
+        model = load_merged(directory, lambda base: load_model(base))
+        processor = load_processor(directory)
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"merged_from": str(Path(directory).resolve())}))
     return out

@@ -17,6 +17,10 @@ class NonFiniteError(RuntimeError):
     """Loss or gradient became NaN/inf; the run stops and writes no checkpoint of that state."""
 
 
+class NothingToLearnError(RuntimeError):
+    """DAPO kept no group for grpo.max_empty_steps steps in a row: the reward has no spread."""
+
+
 def check_finite(value: torch.Tensor, what: str, step: int) -> None:
     if not torch.isfinite(value).all():
         raise NonFiniteError(f"non-finite {what} at step {step}: {value.item() if value.numel() == 1 else value}; "

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed as dist
-from .checkpoint import claim_run_dir, load_trainer_state, prune_checkpoints, resumable_checkpoint, save_checkpoint
+from .checkpoint import claim_run_dir, load_trainer_state, lock_run_dir, prune_checkpoints, resumable_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .data import synth
 from .data.records import load_safetag
@@ -35,23 +35,23 @@ from .data.samplers import make_sampler, prompt_seed
 from .data.tiny_model import build_tiny_model_dir
 from .eval.metrics import evaluate as evaluate_model, generate_completions, score
 from .files import atomic_path, write_atomic
-from .loggers import Loggers
+from .loggers import Loggers, check_trackers
 from .lora import apply_lora, logprobs as lora_logprobs, read_adapter
 from .memory import MemoryPlan, device_memory, model_size, plan_memory, prompt_copies
 from .model import disable_dropout, load_model, load_processor, max_pixels, resolve_model_path
-from .optim import NonFiniteError, autocast, check_finite, make_optimizer
+from .optim import NonFiniteError, NothingToLearnError, autocast, check_finite, make_optimizer
 from .rl.batching import micro_batches, slice_prompts, split_to
 from .rl.decode import decode_path, lean_supported
 from .rl.forward import completion_logprobs
 from .rl.grpo import group_advantages, grpo_loss
 from .rl.reward_fn import PluginReward
-from .rl.rollout import Rollout, decode_completions, generate
+from .rl.rollout import Rollout, decode_completions, generate, kv_plan
 from .safety.judge import refusal_rule
 from .safety.prompting import encode_prompts, prompt_lengths
 from .safety.reward import GOLD_KEYS, SHORT_NAMES, TAGS, reward_breakdown
 from .warmstart import FormatAnchor, warm_start
 
-__all__ = ["Trainer", "NonFiniteError"]
+__all__ = ["Trainer", "NonFiniteError", "NothingToLearnError"]
 
 
 @dataclass
@@ -135,6 +135,7 @@ class Trainer:
         self.cfg, self.resume = cfg, resume
         self.out = Path(cfg.train.out_dir)
         if dist.is_main():
+            self._lock = lock_run_dir(self.out)             # one live run per directory
             claim_run_dir(self.out, resume, overwrite)
         self.resume_from = resumable_checkpoint(self.out / "checkpoints", cfg, say=print if dist.is_main() else None) \
             if resume else None
@@ -154,8 +155,9 @@ class Trainer:
         self.train_records, self.test_records = self._load_data()
         if dist.is_main():
             dist.barrier()
+        check_trackers(cfg)                                 # a missing extra is named now, not after the warm start
         self.refusal = refusal_rule(cfg.grpo.refusal_judge)
-        self.reward_plugin = PluginReward(cfg.grpo.reward, cfg.grpo.reward_timeout_s) if cfg.grpo.reward else None
+        self.reward_plugin = PluginReward(cfg.grpo.reward, cfg.grpo.reward_timeout_s, cfg.grpo.reward_workers) if cfg.grpo.reward else None
         if dist.is_main():
             save_config(cfg, self.out / "config.yaml")
 
@@ -182,6 +184,10 @@ class Trainer:
         file and row, or with data.filter_overlong_prompts dropped and reported."""
         d = self.cfg.data
         lengths = prompt_lengths(self.processor, records, d.prompt_style)
+        r = self.cfg.rollout
+        longest = max((n for n in lengths if n <= d.max_prompt_length or not d.filter_overlong_prompts), default=0)
+        if r.max_batch_tokens:            # the KV budget must hold the longest prompt and one full row, now
+            kv_plan(r.max_batch_tokens, longest, r.group_size, r.max_new_tokens, 1)
         over = [(r, n) for r, n in zip(records, lengths) if n > d.max_prompt_length]
         if not over:
             return records
@@ -244,7 +250,7 @@ class Trainer:
             t0 = time.time()
             warm_start(model, self.processor, self.train_records, c, self.device, self.out)
             print(f"[sft] {c.sft.caption_steps} caption + {c.sft.steps} demonstration steps in {time.time() - t0:.0f} s")
-            with atomic_path(sft_dir) as tmp:
+            with atomic_path(sft_dir, ours=lambda p: True) as tmp:     # a run file (checkpoint.RUN_FILES)
                 model.save_pretrained(tmp)
                 self.processor.save_pretrained(tmp)
         dist.barrier()
@@ -583,7 +589,8 @@ class Trainer:
         bar = tqdm(range(self.start_step, c.train.steps), desc="safegrpo", dynamic_ncols=True, mininterval=2,
                    initial=self.start_step, total=c.train.steps, disable=not dist.is_main())
         last = self.resume_from
-        trackers = Loggers(c, self.out, self.start_step) if dist.is_main() else None
+        trackers = Loggers(c, self.out, self.start_step, self.resume) if dist.is_main() else None
+        empty = 0                                  # DAPO: steps in a row that kept no group anywhere
         for step in bar:
             m = self.train_step(step)
             if c.train.eval_every and (step + 1) % c.train.eval_every == 0:
@@ -594,10 +601,23 @@ class Trainer:
                 trackers.log(m)
             bar.set_postfix(reward=f"{m['reward/mean']:.3f}", comb=f"{m['tag_acc/combined']:.2f}",
                             kl=f"{m['kl']:.4f}", refresh=False)
+            if c.grpo.filter_zero_std:
+                empty = empty + 1 if m["dapo/kept"] == 0 else 0
+                if empty and dist.is_main():
+                    tqdm.write(f"[dapo] warning: step {step + 1}: no group had reward spread, nothing was learned "
+                               f"({empty} step(s) in a row; the run stops at grpo.max_empty_steps="
+                               f"{c.grpo.max_empty_steps})")
+                if c.grpo.max_empty_steps and empty >= c.grpo.max_empty_steps:
+                    raise NothingToLearnError(
+                        f"grpo.filter_zero_std kept no group for {empty} steps in a row (up to step {step + 1}): the "
+                        "reward gives every completion of a prompt the same value. Check the reward (grpo.reward), "
+                        "or raise grpo.oversample / rollout.temperature")
             if (c.train.save_every and (step + 1) % c.train.save_every == 0) or step + 1 == c.train.steps:
                 last = self.save(step + 1)
         if trackers is not None:
             trackers.close()
+        if self.reward_plugin is not None:
+            self.reward_plugin.close()
         return last
 
     @torch.no_grad()

@@ -27,3 +27,33 @@ def sleeps_when_long(data_source, solution_str, ground_truth, extra_info):
     if sum(map(ord, solution_str)) % 2:
         time.sleep(60)
     return 1.0
+
+
+def exits(data_source, solution_str, ground_truth, extra_info):
+    """Calls sys.exit(0) on the texts raises_on_odd rejects, else 1."""
+    import sys
+    if sum(map(ord, solution_str)) % 2:
+        sys.exit(0)
+    return 1.0
+
+
+def dies_once(data_source, solution_str, ground_truth, extra_info):
+    """Kills its worker process the first time it sees "ab" (a marker file remembers), else 1."""
+    import os
+    marker = extra_info.get("marker")
+    if solution_str == "ab" and marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+    return 1.0
+
+
+def sleeps(data_source, solution_str, ground_truth, extra_info):
+    """1 after a 1 s sleep."""
+    time.sleep(1.0)
+    return 1.0
+
+
+def empties_batch(data_sources, solution_strs, ground_truths, extra_infos):
+    """A batch plug-in that empties its input lists in place and returns nothing."""
+    solution_strs.clear()
+    return []

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from safegrpo.config import load_config
+
 from safegrpo.eval.benchmarks import item
 from safegrpo.eval.metrics import score
 
@@ -57,7 +59,9 @@ def test_score_checks_lengths():
 
 def test_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_model_dir):
     import eval as eval_script
+    from safegrpo.data.synth import write_synth
     out = tmp_path / "report"
+    write_synth(tmp_path / "synth", load_config(ROOT / "configs/tiny.yaml").data.synth)   # the split it names
     rc = eval_script.main(["--config", str(ROOT / "configs/tiny.yaml"), "--checkpoint", str(tiny_model_dir),
                            "--compare", str(tiny_model_dir), "--benchmark", "xstest", "--benchmark", "mossbench",
                            "--benchmark", f"safetag-synth={tmp_path / 'synth'}", "--limit", "6",
@@ -65,6 +69,7 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_model_dir):
     assert rc == 0
     report = json.loads((out / "eval.json").read_text())
     assert set(report["benchmarks"]) == {"xstest", "mossbench", "safetag-synth"}
+    assert report["data"]["safetag-synth"] == str((tmp_path / "synth").resolve())     # which data it read
     for name, m in report["benchmarks"].items():
         assert m["n"] == 6
         assert {"n", "format_rate", "refusal_rate_unsafe", "refusal_rate_safe", "reward_mean", "tag_acc"} <= set(m)

@@ -1,6 +1,7 @@
 """grpo.reward plug-ins (verl's custom-reward signature): single and batch form, a call that
 raises scores 0 and is counted with its row, a call past grpo.reward_timeout_s is stopped."""
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,7 @@ def test_single_and_batch_forms_agree():
 
 
 def test_a_call_that_raises_scores_zero_and_names_its_row():
-    with pytest.warns(UserWarning, match=r"2 call\(s\) raised.*first: row a: RuntimeError: plug-in failure"):
+    with pytest.warns(UserWarning, match=r"2 call\(s\) failed.*first: row a: RuntimeError: plug-in failure"):
         out = PluginReward("plugin_rewards:raises_on_odd")(TEXTS, INFOS, labels=["row a", "row b", "row c", "row d"])
     assert out.scores == [0.0, 1.0, 0.0, 1.0]
     assert [r for r, _ in out.errors] == [0, 2] and out.timeouts == []
@@ -49,9 +50,54 @@ def test_bad_specs_fail_at_start_up():
 def test_plugin_errors_are_counted_in_the_metrics(tmp_path, tiny_model_dir, synth_dir):
     cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{
         "train.steps": 2, "grpo.reward": "plugin_rewards:raises_on_odd", "data.test": ""}))
-    with pytest.warns(UserWarning, match=r"raised.*step 1, .*train.parquet: row \d+, sample \d"):
+    with pytest.warns(UserWarning, match=r"failed.*step 1, .*train.parquet: row \d+, sample \d"):
         Trainer(cfg).fit()
     for r in rows(tmp_path / "run"):
         n = 16                                         # 4 prompts x 4 samples
         assert 0 < r["reward/errors"] < n and r["reward/timeouts"] == 0
         assert r["reward/mean"] == pytest.approx(1 - r["reward/errors"] / n)
+
+
+def test_a_plugin_cannot_end_training_with_sys_exit():
+    for timeout in (0.0, 5.0):
+        r = PluginReward("plugin_rewards:exits", timeout_s=timeout)
+        with pytest.warns(UserWarning, match=r"2 call\(s\) failed.*sys.exit\(0\)"):
+            out = r(TEXTS, INFOS)
+        assert out.scores == [0.0, 1.0, 0.0, 1.0] and [i for i, _ in out.errors] == [0, 2]
+        r.close()
+
+
+def test_a_dead_worker_is_replaced_and_counted(tmp_path):
+    r = PluginReward("plugin_rewards:dies_once", timeout_s=20.0, workers=2)
+    infos = [{"combine_tag": "unsafe", "marker": str(tmp_path / "died")}] * 4
+    with pytest.warns(UserWarning, match="worker process died"):
+        first = r(TEXTS, infos)
+    assert first.errors and first.scores[2] == 0.0
+    second = r(TEXTS, infos)                               # a new worker: every later call scores
+    assert second.scores == [1.0] * 4 and not second.errors and not second.timeouts
+    r.close()
+
+
+def test_timed_calls_run_at_once_and_the_import_is_not_timed(tmp_path, monkeypatch):
+    """8 calls of 1 s on 4 workers under a 1.5 s timeout: about 2 s in all, none timed out. The
+    plug-in module takes 3 s to import, more than the timeout: the workers import it first."""
+    (tmp_path / "slow_import_plugin.py").write_text(
+        "import time\ntime.sleep(3)\nfrom plugin_rewards import sleeps\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import os
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(Path(__file__).parent),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    r = PluginReward("slow_import_plugin:sleeps", timeout_s=1.5, workers=4)
+    r(TEXTS[:1], INFOS[:1])                                  # start the workers (imports, untimed)
+    t0 = time.time()
+    out = r(TEXTS * 2, INFOS * 2)
+    took = time.time() - t0
+    assert out.scores == [1.0] * 8 and not out.timeouts and not out.errors
+    assert took < 6, took                                    # one after another: >= 8 s
+    r.close()
+
+
+def test_a_batch_plugin_that_empties_its_input_is_an_error():
+    with pytest.warns(UserWarning, match="returned 0 scores for 4 completions"):
+        out = PluginReward("plugin_rewards:empties_batch")(TEXTS, INFOS)
+    assert len(out.errors) == 4 and out.scores == [0.0] * 4

@@ -128,7 +128,7 @@ def build_tiny_model_dir(out_dir, model_cfg: dict, seed: int = 0, family: str = 
     image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": (2 * patch) ** 2, "longest_edge": px},
                                                patch_size=patch, merge_size=2, temporal_patch_size=2)
     processor = QwenVLImageTextProcessor(tok, image_processor)
-    with atomic_path(out) as tmp:
+    with atomic_path(out, ours=lambda p: (p / "safegrpo_tiny.json").is_file()) as tmp:   # a tiny model we built
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         (tmp / "safegrpo_tiny.json").write_text(json.dumps({"model": model_cfg, "seed": seed, "family": family}, indent=1))

@@ -21,6 +21,7 @@ completion when there is none) by a `judge.Judge` ("keywords", "strict" or a plu
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -89,6 +90,11 @@ def score(records, completions, judge="keywords") -> dict:
     if len(verdicts) != len(answers):
         raise ValueError(f"judge {getattr(j, 'name', type(j).__name__)!r} returned {len(verdicts)} verdicts "
                          f"for {len(answers)} answers")
+    bad = next(((i, v) for i, v in enumerate(verdicts) if not isinstance(v, (bool, np.bool_))), None)
+    if bad is not None:        # a string ("no") or a probability would pass through bool() as a refusal
+        raise ValueError(f"judge {getattr(j, 'name', type(j).__name__)!r}: verdict for item {bad[0]} "
+                         f"({records[bad[0]].origin or records[bad[0]].prompt[:60]!r}) is {bad[1]!r}, not a bool "
+                         "(True = the answer refuses)")
     refused = [bool(x) for x in verdicts]
     rows = []
     for r, c, p, ref in zip(records, completions, parsed, refused):

@@ -6,10 +6,14 @@ custom-reward signature (`grpo.reward: package.module:function`).
 
 The batch form is recognised by its parameter names (`solution_strs`). A plug-in receives, per
 completion, data_source "safetag", the completion's text, ground_truth = extra_info = the
-record's gold tags plus its meta columns. A call that raises scores 0 for its completion (for
-the batch form: for the whole batch) and is counted and reported with the row; with
-grpo.reward_timeout_s > 0 the plug-in runs in a worker process, and a call that runs longer is
-stopped (the worker is replaced) and scores 0, counted too. Nothing here imports torch.
+record's gold tags plus its meta columns (copies: a plug-in that changes them in place changes
+nothing here). A call that raises, or calls sys.exit, scores 0 for its completion (for the batch
+form: for the whole batch) and is counted and reported with the row. With
+grpo.reward_timeout_s > 0 the plug-in runs in grpo.reward_workers worker processes, started
+and with the plug-in imported before any call is timed; the calls of a step run on them at
+once, and the step waits at most timeout x ceil(calls / workers) in all: calls not finished
+then are stopped (the workers are replaced) and score 0, counted as timeouts. A worker that
+dies is replaced and its calls counted as errors. Nothing here imports torch.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ import importlib
 import inspect
 import multiprocessing as mp
 import warnings
-from concurrent.futures import ProcessPoolExecutor, TimeoutError as FutureTimeout
+from concurrent.futures import ProcessPoolExecutor, TimeoutError as FutureTimeout, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 
@@ -57,70 +62,110 @@ def _number(value) -> float:
 
 
 def _call_one(spec: str, text: str, info: dict) -> float:
-    return _number(_load(spec)(data_source="safetag", solution_str=text, ground_truth=info, extra_info=info))
+    return _number(_load(spec)(data_source="safetag", solution_str=text, ground_truth=dict(info),
+                               extra_info=dict(info)))
 
 
 def _call_batch(spec: str, texts: list, infos: list) -> list:
-    out = _load(spec)(data_sources=["safetag"] * len(texts), solution_strs=texts, ground_truths=infos,
-                      extra_infos=infos)
-    if len(out) != len(texts):
-        raise ValueError(f"returned {len(out)} scores for {len(texts)} completions")
+    n = len(texts)
+    out = _load(spec)(data_sources=["safetag"] * n, solution_strs=list(texts), ground_truths=[dict(i) for i in infos],
+                      extra_infos=[dict(i) for i in infos])
+    if len(out) != n:
+        raise ValueError(f"returned {len(out)} scores for {n} completions")
     return [_number(v) for v in out]
+
+
+def _warm(spec: str) -> None:
+    """Run in a new worker before any timed call: the plug-in's import is not a call's time."""
+    _load(spec)
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, SystemExit):
+        return f"the plug-in called sys.exit({e.code!r})"
+    if isinstance(e, BrokenProcessPool):
+        return "the reward worker process died"
+    return f"{type(e).__name__}: {e}"
 
 
 class PluginReward:
     """A plug-in reward (see the module docstring); `__call__(texts, infos) -> Scores`."""
 
-    def __init__(self, spec: str, timeout_s: float = 0.0):
-        self.spec, self.timeout = spec, timeout_s
+    def __init__(self, spec: str, timeout_s: float = 0.0, workers: int = 4):
+        self.spec, self.timeout, self.workers = spec, timeout_s, max(1, workers)
         self.fn = _load(spec)                    # fail at start-up, not at the first step
         self.batch = _is_batch(self.fn)
         self.pool = None
 
-    def _worker(self):
+    def _pool(self):
+        """The worker processes, started (and the plug-in imported in each) without a time limit."""
         if self.pool is None:
-            self.pool = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+            for f in [self.pool.submit(_warm, self.spec) for _ in range(self.workers)]:
+                f.result()
         return self.pool
 
     def _restart(self):
         pool, self.pool = self.pool, None
-        for p in getattr(pool, "_processes", {}).values():   # a stuck call: the worker is stopped
+        for p in getattr(pool, "_processes", {}).values():   # stuck calls: the workers are stopped
             p.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
 
-    def _run(self, fn, *args):
+    def _run_all(self, fn, calls: list[tuple]) -> list:
+        """fn(*args) for each args of `calls`: [result, or the exception it raised, or
+        FutureTimeout when the step's deadline passed first]."""
         if self.timeout <= 0:
-            return fn(*args)
-        future = self._worker().submit(fn, *args)
-        try:
-            return future.result(timeout=self.timeout)
-        except FutureTimeout:
+            out = []
+            for args in calls:
+                try:
+                    out.append(fn(*args))
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as e:       # SystemExit too: a plug-in cannot end training
+                    out.append(e)
+            return out
+        futures = [self._pool().submit(fn, *args) for args in calls]
+        deadline = self.timeout * -(-len(calls) // self.workers)
+        wait(futures, timeout=deadline)
+        out, stuck, broken = [], False, False
+        for f in futures:
+            if not f.done():
+                out.append(FutureTimeout())
+                stuck = True
+                continue
+            e = f.exception()
+            broken |= isinstance(e, BrokenProcessPool)
+            out.append(f.result() if e is None else e)
+        if stuck or broken:
             self._restart()
-            raise
+        return out
 
     def __call__(self, texts: list[str], infos: list[dict], labels: list[str] | None = None) -> Scores:
         """Scores of the completions `texts`; labels (e.g. "step 3, data/train.parquet: row 17,
-        sample 2") name them in the warnings about calls that raised or timed out."""
-        out = Scores([0.0] * len(texts))
+        sample 2") name them in the warnings about calls that failed or timed out."""
+        n = len(texts)
+        out = Scores([0.0] * n)
         name = (lambda i: labels[i]) if labels else (lambda i: f"completion {i}")     # noqa: E731
         if self.batch:
-            try:
-                out.scores = self._run(_call_batch, self.spec, texts, infos)
-            except FutureTimeout:
-                out.timeouts = list(range(len(texts)))
-            except Exception as e:  # a plug-in's own error: reported, the batch scores 0
-                out.errors = [(i, f"{type(e).__name__}: {e}") for i in range(len(texts))]
+            got = self._run_all(_call_batch, [(self.spec, list(texts), [dict(i) for i in infos])])[0]
+            if isinstance(got, FutureTimeout):
+                out.timeouts = list(range(n))
+            elif isinstance(got, BaseException):
+                out.errors = [(i, _why(got)) for i in range(n)]
+            else:
+                out.scores = got
         else:
-            for i, (text, info) in enumerate(zip(texts, infos)):
-                try:
-                    out.scores[i] = self._run(_call_one, self.spec, text, info)
-                except FutureTimeout:
+            got = self._run_all(_call_one, [(self.spec, t, dict(i)) for t, i in zip(texts, infos)])
+            for i, g in enumerate(got):
+                if isinstance(g, FutureTimeout):
                     out.timeouts.append(i)
-                except Exception as e:  # a plug-in's own error: reported, this completion scores 0
-                    out.errors.append((i, f"{type(e).__name__}: {e}"))
+                elif isinstance(g, BaseException):
+                    out.errors.append((i, _why(g)))
+                else:
+                    out.scores[i] = g
         if out.errors:
             row, why = out.errors[0]
-            warnings.warn(f"grpo.reward {self.spec}: {len(out.errors)} call(s) raised, scored 0 "
+            warnings.warn(f"grpo.reward {self.spec}: {len(out.errors)} call(s) failed, scored 0 "
                           f"(first: {name(row)}: {why})", stacklevel=2)
         if out.timeouts:
             warnings.warn(f"grpo.reward {self.spec}: {len(out.timeouts)} call(s) ran past "
