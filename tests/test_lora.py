@@ -155,13 +155,17 @@ def test_eval_py_reads_an_adapter_checkpoint(tmp_path, tiny_model_dir, synth_dir
 
 def test_reward_rises_with_lora(tmp_path, tiny_model_dir, synth_dir):
     """The learning test of test_trainer with adapters only (rank 8, a larger learning rate)."""
-    cfg = learning_cfg(tmp_path, tiny_model_dir, synth_dir, lora_cfg, lr=4e-3, steps=40)
+    # Measured over train.seed 0-9 (1 and 2 threads identical): reward gain (last 4 steps - first 4)
+    # at lr 2e-3 0.052-0.194, never negative; at the old 4e-3 -0.020-0.241 (two seeds learned nothing,
+    # the 0.15 threshold failed on half of them); at 6e-3 and 1e-2 the adapters often collapse
+    # (down to -0.22). No learning (lr ~ 0): -0.033-0.009. 0.03 lies between, with a thin margin.
+    cfg = learning_cfg(tmp_path, tiny_model_dir, synth_dir, lora_cfg, lr=2e-3, steps=40)
     cfg.model.lora.rank, cfg.model.lora.alpha = 8, 16.0
     tr = warm_start(cfg, tiny_model_dir, tmp_path / "sft", steps=200)
     tr.fit(init_path=tmp_path / "sft")
     r = [m["reward/mean"] for m in rows(tmp_path / "run")]
     assert r[0] > 0.1
-    assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.15, r
+    assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.03, r
 
 
 def test_lora_two_processes_equal_one(tmp_path, tiny_model_dir, synth_dir):

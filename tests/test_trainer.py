@@ -160,13 +160,17 @@ def test_reward_rises_on_a_tiny_set(tmp_path, tiny_model_dir, synth_dir):
     """Warm-start on 8 demonstrations (format, random tags), then GRPO: the mean reward rises.
     The 8 records share one SafeTag group, so the right tags differ by position and the warm
     start writes them at random."""
-    cfg = learning_cfg(tmp_path, tiny_model_dir, synth_dir)
+    # Thresholds from the spread measured over train.seed 0-9 (1 and 2 threads gave identical runs):
+    # reward gain (last 4 steps - first 4) 0.362-0.519 at this lr; 0.062-0.250 at the old 3e-4, whose
+    # 0.15 failed on one seed; with lr ~ 0 (no learning) -0.044-0.051. Combined-tag rise 0.406-0.578
+    # (no learning: up to 0.109). 0.2 and 0.25 sit far from both.
+    cfg = learning_cfg(tmp_path, tiny_model_dir, synth_dir, lr=9e-4)
     tr = warm_start(cfg, tiny_model_dir, tmp_path / "sft", steps=200)
     tr.fit(init_path=tmp_path / "sft")
     r = [m["reward/mean"] for m in rows(tmp_path / "run")]
     assert r[0] > 0.1                                                  # the warm start follows the format
-    assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.15, r                  # and GRPO raises the reward
-    assert rows(tmp_path / "run")[-1]["tag_acc/combined"] > rows(tmp_path / "run")[0]["tag_acc/combined"]
+    assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.2, r                   # and GRPO raises the reward
+    assert rows(tmp_path / "run")[-1]["tag_acc/combined"] > rows(tmp_path / "run")[0]["tag_acc/combined"] + 0.25
 
 
 def test_token_budget_micro_batches_take_the_same_step(tmp_path, tiny_model_dir, synth_dir):
