@@ -84,7 +84,7 @@ def _unflatten_optimizer(model, opt: torch.optim.Optimizer, tensors: dict, group
 def save_checkpoint(ckpt_root, step: int, model, processor, optimizer, state: dict, adapter=None) -> Path:
     """Write checkpoints/step_{step} atomically; returns its path. Under torchrun every rank must
     call it (the full model and optimizer states are gathered); rank 0 writes. adapter=(LoRA
-    settings, base model path): the adapter alone is written (lora.py), not the model."""
+    settings, base model path, its fingerprint): the adapter alone is written (lora.py), not the model."""
     root = Path(ckpt_root)
     final = root / f"step_{step}"
     weights = dist.full_state_dict(model) if dist.active() else None

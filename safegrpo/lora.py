@@ -11,6 +11,7 @@ projection's merged weight, `effective_weight`) and FSDP2's per-layer units work
 A LoRA checkpoint holds the adapter only:
 
     step_N/adapter_config.json        rank, alpha, dropout, target modules, the base model's path
+                                      and fingerprint (checked whenever the adapter is loaded)
     step_N/adapter_model.safetensors  the A and B matrices, by parameter name
 
 `load_merged` reads such a directory back as a plain model with the adapter merged (eval.py and
@@ -18,7 +19,9 @@ A LoRA checkpoint holds the adapter only:
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -41,6 +44,19 @@ def target_regex(names) -> str:
     """peft's full-name pattern for projections called `names` outside the vision tower (Qwen-VL
     vision blocks have gate/up/down projections of their own)."""
     return r"^(?!.*visual).*\.(" + "|".join(names) + r")$"
+
+
+def check_targets(model, lora: LoraConfig) -> None:
+    """Raise, naming model.lora.target_modules, when none of `model`'s text-stack modules (a meta
+    skeleton is enough, model.model_skeleton) matches them: found at start-up, not after the
+    warm start."""
+    _peft()
+    pattern = re.compile(target_regex(lora.target_modules))
+    if not any(pattern.fullmatch(name) for name, _ in model.named_modules()):
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and "visual" not in n})
+        raise ValueError(f"model.lora.target_modules {list(lora.target_modules)}: no module of the model's text "
+                         f"stack has such a name (its linear layers: {leaves})")
 
 
 def apply_lora(model, lora: LoraConfig, seed: int = 0):
@@ -108,13 +124,59 @@ def adapter_state(state_dict: dict) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if "lora_" in k}
 
 
-def save_adapter(directory: Path, tensors: dict, lora: LoraConfig, base: str) -> None:
+_BASE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def base_fingerprint(path) -> str:
+    """A fingerprint of the model at `path` (a directory or a .gguf file): SHA-256 over its weight,
+    config and tokenizer files' names, sizes and 16 evenly spaced 64 KiB samples of each (whole files
+    up to 1 MiB). Another fine-tune or vocabulary at the same path changes it; reading costs ~1 MiB
+    a file, whatever the model's size."""
+    from .model import resolve_model_path
+    folder, gguf = resolve_model_path(path)
+    folder = Path(folder)
+    files = [folder / gguf] if gguf else \
+        sorted(folder.glob("*.safetensors")) + [folder / n for n in _BASE_FILES if (folder / n).is_file()]
+    h, chunk = hashlib.sha256(), 1 << 16
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size};".encode())
+        with open(f, "rb") as fh:
+            if size <= 16 * chunk:
+                h.update(fh.read())
+                continue
+            for i in range(16):
+                fh.seek(i * (size - chunk) // 15)
+                h.update(fh.read(chunk))
+    return "sha256:" + h.hexdigest()
+
+
+def save_adapter(directory: Path, tensors: dict, lora: LoraConfig, base: str, fingerprint: str) -> None:
+    """The adapter files of a LoRA checkpoint; `fingerprint` is base_fingerprint(base)."""
     from safetensors.torch import save_file
     save_file(tensors, directory / ADAPTER_WEIGHTS)
     (directory / ADAPTER_CONFIG).write_text(json.dumps(
         {"r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
          "target_modules": list(lora.target_modules),
-         "base_model_name_or_path": str(Path(base).resolve()) if Path(base).exists() else str(base)}, indent=1))
+         "base_model_name_or_path": str(Path(base).resolve()) if Path(base).exists() else str(base),
+         "base_fingerprint": fingerprint}, indent=1))
+
+
+def check_base(directory, base=None) -> None:
+    """Raise when the base model at `base` (default: the path the adapter directory records) is not
+    the one the adapter was trained on (its recorded base_fingerprint)."""
+    from .model import resolve_model_path
+    f = Path(directory) / ADAPTER_CONFIG
+    recorded = json.loads(f.read_text()).get("base_fingerprint")
+    base = base or adapter_config(directory)[1]
+    if not Path(resolve_model_path(base)[0]).exists():
+        raise RuntimeError(f"{f}: its base model {base} does not exist")
+    if recorded is None:
+        raise RuntimeError(f"{f}: records no base_fingerprint, so its base model cannot be checked "
+                           "(written by an older safegrpo; add the key by hand if you are sure of the base)")
+    if base_fingerprint(base) != recorded:
+        raise RuntimeError(f"{f}: the base model at {base} is not the one this adapter was trained on "
+                           "(its weights, config or tokenizer differ from the recorded base_fingerprint)")
 
 
 def is_adapter_dir(path) -> bool:
@@ -168,6 +230,7 @@ def load_merged(directory, load_base):
     lora, base = adapter_config(directory)
     if not Path(base).exists() and ":" not in base:
         raise FileNotFoundError(f"{Path(directory) / ADAPTER_CONFIG}: its base model {base} does not exist")
+    check_base(directory, base)
     model = apply_lora(load_base(base), lora)
     read_adapter(directory, model)
     return merge(model)

@@ -115,6 +115,20 @@ def default_attention(device) -> str:
     return "sdpa"
 
 
+def model_skeleton(path, trust_remote_code: bool = False):
+    """The module tree of the model at `path` on the meta device (no weights read, no memory):
+    enough to check module names at start-up."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from .lora import adapter_config, is_adapter_dir
+    if is_adapter_dir(path):
+        path = adapter_config(path)[1]
+    path, gguf = resolve_model_path(path)
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **({"gguf_file": gguf} if gguf else {}))
+    cls = AutoModelForImageTextToText if hasattr(cfg, "vision_config") else AutoModelForCausalLM
+    with torch.device("meta"):
+        return cls.from_config(cfg, trust_remote_code=trust_remote_code)
+
+
 def load_model(path, dtype=torch.float32, attn_implementation: str | None = None, trust_remote_code: bool = False,
                device="cpu"):
     """A Hugging Face model from a local directory: image-text-to-text if it has vision, else causal LM.

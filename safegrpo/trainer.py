@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed as dist
-from .checkpoint import claim_run_dir, load_trainer_state, lock_run_dir, prune_checkpoints, resumable_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, claim_run_dir, load_trainer_state, lock_run_dir, prune_checkpoints, resumable_checkpoint, save_checkpoint
 from .config import Config, save_config
 from .data import synth
 from .data.records import load_safetag
@@ -36,9 +36,9 @@ from .data.tiny_model import build_tiny_model_dir
 from .eval.metrics import evaluate as evaluate_model, generate_completions, score
 from .files import atomic_path, write_atomic
 from .loggers import Loggers, check_trackers
-from .lora import apply_lora, logprobs as lora_logprobs, read_adapter
+from .lora import apply_lora, base_fingerprint, check_base, check_targets, logprobs as lora_logprobs, read_adapter
 from .memory import MemoryPlan, device_memory, model_size, plan_memory, prompt_copies
-from .model import disable_dropout, load_model, load_processor, max_pixels, resolve_model_path
+from .model import disable_dropout, load_model, load_processor, max_pixels, model_skeleton, resolve_model_path
 from .optim import NonFiniteError, NothingToLearnError, autocast, check_finite, make_optimizer
 from .rl.batching import micro_batches, slice_prompts, split_to
 from .rl.decode import decode_path, lean_supported
@@ -139,6 +139,8 @@ class Trainer:
             claim_run_dir(self.out, resume, overwrite)
         self.resume_from = resumable_checkpoint(self.out / "checkpoints", cfg, say=print if dist.is_main() else None) \
             if resume else None
+        if self.resume_from is not None and cfg.model.lora.rank > 0:
+            self._check_base(self.resume_from)              # the base the adapter was trained on, now
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = torch.device(cfg.train.device)
@@ -156,10 +158,19 @@ class Trainer:
         if dist.is_main():
             dist.barrier()
         check_trackers(cfg)                                 # a missing extra is named now, not after the warm start
+        if cfg.model.lora.rank > 0:                         # so are target modules the model does not have
+            check_targets(model_skeleton(self.model_dir, cfg.model.trust_remote_code), cfg.model.lora)
         self.refusal = refusal_rule(cfg.grpo.refusal_judge)
         self.reward_plugin = PluginReward(cfg.grpo.reward, cfg.grpo.reward_timeout_s, cfg.grpo.reward_workers) if cfg.grpo.reward else None
         if dist.is_main():
             save_config(cfg, self.out / "config.yaml")
+
+    @staticmethod
+    def _check_base(ckpt, base=None):
+        try:
+            check_base(ckpt, base)
+        except RuntimeError as e:
+            raise CheckpointError(str(e)) from None
 
     # --------------------------------------------------------------------------------- data
     def _load_data(self):
@@ -268,7 +279,9 @@ class Trainer:
         self.policy = self.load_model(init_path if self.lora else ckpt or init_path)
         if self.lora:
             apply_lora(self.policy, c.model.lora, seed=tr.seed)
+            self.base_fingerprint = base_fingerprint(init_path)
             if ckpt is not None:
+                self._check_base(ckpt, init_path)
                 read_adapter(ckpt, self.policy)
         disable_dropout(self.policy)                # after the adapters: their lora_dropout too
         if dist.is_main():
@@ -293,6 +306,8 @@ class Trainer:
             if self.ref is not None:
                 dist.shard(self.ref_fwd, mixed_precision=c.model.autocast == "bf16")
         self.trainable = [p for p in self.policy.parameters() if p.requires_grad]     # (after sharding: DTensors)
+        # tokens a pass runs per prompt token: 1, or G under Hugging Face's checkpointing (memory.prompt_copies)
+        self.prompt_copies = prompt_copies(c.model.gradient_checkpointing, not lean_supported(self.policy), self.G)
         # the schedule steps once per optimizer update; warm-up and decay are given in GRPO steps
         n = self.updates_per_step = tr.prompts_per_step // tr.mini_batch_prompts
         self.opt, self.sched = make_optimizer(self.policy, c.optim.lr, c.optim, c.optim.warmup_steps * n, tr.steps * n,
@@ -417,8 +432,7 @@ class Trainer:
         few prompts for them runs zero-weight passes (None)."""
         tr, U = self.cfg.train, self.updates_per_step
         # a pass's cost: the tokens it runs (each prompt once, or G times: memory.prompt_copies)
-        copies = prompt_copies(self.cfg.model.gradient_checkpointing, not lean_supported(self.policy), self.G)
-        costs = (copies * grp.batch["attention_mask"].sum(-1).cpu() + grp.ro.lengths.view(-1, self.G).sum(-1).cpu()
+        costs = (self.prompt_copies * grp.batch["attention_mask"].sum(-1).cpu() + grp.ro.lengths.view(-1, self.G).sum(-1).cpu()
                  ).tolist() if grp.n else []
         # mini-batch u: the u-th of U equal shares of the step's groups over all ranks, in order of
         # position (without filtering: positions [u*MB, (u+1)*MB), see `layout`); a rank's
@@ -672,7 +686,7 @@ class Trainer:
         state = {"sampler": self.sampler.state(), "scheduler": self.sched.state_dict(),
                  "python_random": random.getstate(), "init_path": str(self.model_dir), "config": self.cfg.to_dict()}
         p = save_checkpoint(self.out / "checkpoints", step, self.policy, self.processor, self.opt, state,
-                            adapter=(self.cfg.model.lora, self.init_path) if self.lora else None)
+                            adapter=(self.cfg.model.lora, self.init_path, self.base_fingerprint) if self.lora else None)
         if dist.is_main():
             prune_checkpoints(self.out / "checkpoints", 3)
         return p
