@@ -2,6 +2,7 @@
 when it is *told* the gold tags, on seen and unseen concept-instruction pairings.
 
     python bench/ceiling.py [--steps 600] [--set model.tiny.hidden_size=192 ...] [--out runs/ceiling]
+                            [--grpo runs/tiny]
 
 Same data, model and warm start as `make train` (configs/tiny.yaml: caption pretraining, then
 demonstration SFT with the tags sft.tags says), then --steps more steps of demonstration SFT with the
@@ -11,8 +12,10 @@ whose instruction is a compositional one with a concept outside its class) on
   unseen: the held-out test split (pairings never trained on), and
   seen:   fresh renders of training pairings (new images of pairings the model trained on).
 If supervision cannot reach ~0.9 on unseen compositional pairings, the model or the data
-representation limits what GRPO can learn there, not the reward. Results: <out>/ceiling.json
-and a line per evaluation; bench/results.json under "ceiling".
+representation limits what GRPO can learn there, not the reward. --grpo RUN prints, beside the
+ceiling, what that SafeGRPO run (its eval_before.json / eval_after.json, same data and warm start)
+reached on the unseen pairings, and the share of the gap from warm start to ceiling it closed.
+Results: <out>/ceiling.json and a line per evaluation; bench/results.json under "ceiling".
 """
 from __future__ import annotations
 
@@ -55,7 +58,15 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seen", type=int, default=400, help="fresh renders of training pairings to evaluate")
     ap.add_argument("--out", default="runs/ceiling")
+    ap.add_argument("--grpo", default="", help="a SafeGRPO run folder to compare with (eval_before/after.json)")
     args = ap.parse_args()
+    runs = {}
+    if args.grpo:
+        for name in ("before", "after"):
+            f = Path(args.grpo) / f"eval_{name}.json"
+            if not f.is_file():
+                ap.error(f"--grpo {args.grpo}: {f} does not exist (a finished train.py run folder is expected)")
+            runs[name] = json.loads(f.read_text())
     out = Path(args.out)
     cfg = load_config(args.config, [f"train.out_dir={out}", *args.overrides])
     tr = Trainer(cfg, overwrite=True)
@@ -63,7 +74,7 @@ def main():
     init = tr.warm_start()                                     # caption + demonstrations (sft.tags)
     model = tr.load_model(init)
     seen = seen_renders(cfg.data.synth, args.seen, seed=12345)
-    gold = demonstration_records(tr.train_records, "gold")
+    gold = demonstration_records(tr.train_records, "gold", topic=cfg.sft.step3 == "topic")
     curve = []
 
     def evaluate_now(step):
@@ -90,8 +101,28 @@ def main():
         evaluate_now(done)
     result = {"overrides": args.overrides, "steps": args.steps, "lr": args.lr, "seconds": round(time.time() - t0),
               "params": sum(p.numel() for p in model.parameters()), "curve": curve}
+    if runs:
+        result["grpo"] = {"run": args.grpo, **{name: {"combined": round(m["tag_acc"]["combined"], 3),
+                                                     "compositional": m["group_acc"].get("safe/safe/unsafe"),
+                                                     "decoys": m["decoy_acc"]} for name, m in runs.items()}}
+        print(compare(result))
     (out / "ceiling.json").write_text(json.dumps(result, indent=1))
     record("ceiling", result)
+
+
+def compare(result: dict) -> str:
+    """A table: the warm start, SafeGRPO and the supervised ceiling on unseen pairings, and how
+    much of the gap from the warm start to the ceiling SafeGRPO closed."""
+    g, top = result["grpo"], result["curve"][-1]["unseen"]
+    ceiling = {"combined": top["combined"], "compositional": top["groups"].get("safe/safe/unsafe"),
+               "decoys": top["decoys"]}
+    lines = [f"| unseen pairings | warm start | SafeGRPO ({g['run']}) | supervised ceiling ({result['steps']} CE steps) "
+             "| share of the gap closed |", "|---|---:|---:|---:|---:|"]
+    for k in ("combined", "compositional", "decoys"):
+        a, b, c = g["before"][k], g["after"][k], ceiling[k]
+        closed = f"{(b - a) / (c - a):.2f}" if c - a > 0.02 else "n/a (no gap)"
+        lines.append(f"| {k} | {a:.3f} | {b:.3f} | {c:.3f} | {closed} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

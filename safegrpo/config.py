@@ -128,6 +128,11 @@ class DataConfig:
     skip_invalid: bool = opt(False)             # skip (and report) bad rows instead of stopping
     image_root: str = opt("")                   # folder image paths are relative to (default: the data file's)
     allow_outside_images: bool = opt(False)     # image paths may point outside that folder (absolute, ../)
+    contrast_column: str = opt("")              # a column naming contrast sets (SafeTag-Synth: `contrast`, the
+                                                # instruction of compositional and decoy rows): a drawn row with a
+                                                # set is followed in its step by a row of the same set with the
+                                                # other combined tag (its twin), so a rule that ignores what
+                                                # tells them apart earns nothing net (samplers.ContrastSampler)
 
 
 @dataclass
@@ -153,6 +158,8 @@ class GRPOConfig:
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = opt("token-mean")
     norm_constant: float = opt(0.0, ge(0.0))    # for seq-mean-token-sum-norm; 0 = max_new_tokens
     refusal_judge: Literal["keywords", "strict"] = opt("keywords")   # refusal rule of the behaviour reward
+    tag_weight: float = opt(0.5, ge(0.0))       # w_tag in R = F (w_tag R_tag + w_behavior R_behavior) (eq. 1);
+    behavior_weight: float = opt(0.5, ge(0.0))  # the paper's 0.5 / 0.5; its ablation sets one of them to 0
     entropy_coef: float = opt(0.0, ge(0.0))     # entropy bonus per token (the paper: 0)
     freeze_vision_tower: bool = opt(False)      # keep the vision encoder fixed during GRPO
     ptx_coef: float = opt(0.0, ge(0.0))         # > 0: add this x cross-entropy on warm-start demonstrations with
@@ -193,11 +200,19 @@ class SFTConfig:
     caption_steps: int = opt(0, ge(0))          # before that: caption pretraining (image -> "The image shows a X.")
     caption_lr: float = opt(1e-3, gt(0.0))
     steps: int = opt(0, ge(0))                  # demonstration steps (the format)
-    tags: Literal["random", "per_modality", "per_modality_coin", "gold"] = opt("random")   # the demonstrations' tags: random (an even coin:
-                                                # the format, no safety), per_modality (right visual and text
-                                                # tags, combined = unsafe if either is: misses compositional
-                                                # risks), per_modality_coin (the same with a coin for combined
-                                                # where both sides are safe), gold (supervised)
+    tags: Literal["random", "per_modality", "partial", "per_modality_coin", "gold"] = opt("random")   # the demonstrations'
+                                                # tags: random (an even coin: the format, no safety), per_modality
+                                                # (right visual and text tags, combined = unsafe if either is:
+                                                # misses compositional risks), partial (per_modality, but a
+                                                # compositional demonstration carries the gold combined tag with
+                                                # probability partial_share: partly aware of them, like the paper's
+                                                # starting models), per_modality_coin (a coin for combined where
+                                                # both sides are safe), gold (supervised)
+    partial_share: float = opt(0.5, within(0.0, 1.0))   # tags=partial: P(gold combined tag) on a compositional demo
+    step3: Literal["restate", "topic"] = opt("restate")  # SafeTag-Synth demonstrations' step 3: the request
+                                                # restated, or restated with what it is about in the words the
+                                                # captions use for kinds ("...; it is about a high place"), so step 4
+                                                # compares two written facts (synth.request_topic)
     batch_size: int = opt(32, ge(1))
     lr: float = opt(1e-3, gt(0.0))
     warmup_steps: int = opt(20, ge(0))
@@ -254,6 +269,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.mini_batch_prompts % (world_size * micro):
         raise ValueError(f"train.mini_batch_prompts ({t.mini_batch_prompts}) must be a multiple of world size x "
                          f"train.micro_batch_prompts ({world_size} x {micro})")
+    if cfg.grpo.tag_weight + cfg.grpo.behavior_weight == 0:
+        raise ValueError("grpo.tag_weight and grpo.behavior_weight are both 0: the reward would be 0 everywhere")
     if d.balance_combined and d.balance_groups:
         raise ValueError("set at most one of data.balance_combined and data.balance_groups")
     if d.safe_share != 0.5 and not (d.balance_combined or d.balance_groups):

@@ -390,7 +390,8 @@ class Trainer:
         ro = self.rollout(step, batch, positions)
         texts = decode_completions(self.tokenizer, ro.completion_ids, ro.lengths)
         gold = [r.tags for r in recs for _ in range(self.G)]
-        parts = [reward_breakdown(t, g, self.refusal) for t, g in zip(texts, gold)]      # logged in any case
+        weights = (self.cfg.grpo.tag_weight, self.cfg.grpo.behavior_weight)
+        parts = [reward_breakdown(t, g, self.refusal, weights) for t, g in zip(texts, gold)]   # logged in any case
         errors = timeouts = 0
         if self.reward_plugin is not None:                      # grpo.reward: a plug-in decides the reward
             infos = [{**{k: v for k, v in r.meta.items() if k != "demo"}, **r.tags} for r in recs for _ in range(self.G)]

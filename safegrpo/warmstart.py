@@ -11,11 +11,13 @@
 2. Demonstration SFT: the step-guided prompt -> a demonstration in the target format. For
    SafeTag-Synth and Text-Safety rows the demonstration is drawn afresh at every use. Its tags
    follow sft.tags (synth.demonstration_tags): random teaches the format and an even coin on
-   every tag, not memorised, input-dependent wrong tags; per_modality (configs/tiny.yaml)
-   writes the right visual and text tags and the naive combined tag (unsafe if either side is),
-   a starting point like the paper's pretrained models that judge each modality and miss
-   compositional risks; per_modality_coin flips a coin for the combined tag where both sides
-   are safe. Other data uses its fixed `demo` column.
+   every tag, not memorised, input-dependent wrong tags; per_modality writes the right visual
+   and text tags and the naive combined tag (unsafe if either side is): a start that judges each
+   modality and misses every compositional risk; partial (configs/tiny.yaml) is per_modality
+   with the gold combined tag on sft.partial_share of the compositional demonstrations, a start
+   partly aware of compositional risks like the paper's pretrained models; per_modality_coin
+   flips a coin for the combined tag where both sides are safe. Other data uses its fixed
+   `demo` column.
 3. The format anchor (not in the paper; InstructGPT's PPO-ptx idea): during GRPO the words
    nothing rewards (caption, restatement, answer wording) would random-walk away; the anchor
    holds them where the warm start put them, and teaches no safety because the tag values
@@ -47,13 +49,15 @@ from .safety.reward import TAGS
 _TAG_VALUE = re.compile(r"<(" + "|".join(TAGS) + r")>(.*?)</\1>", re.IGNORECASE | re.DOTALL)
 
 
-def demonstration_records(records: list[SafeTagRecord], tags: str = "random") -> list[SafeTagRecord]:
+def demonstration_records(records: list[SafeTagRecord], tags: str = "random", share: float = 0.5,
+                          topic: bool = False) -> list[SafeTagRecord]:
     """Records whose meta["target"] is their demonstration: a function of an rng where one can be
-    drawn afresh (SafeTag-Synth, with `tags` as synth.demonstration_tags writes them;
+    drawn afresh (SafeTag-Synth, with `tags` and `share` as synth.demonstration_tags writes them,
+    step 3 with the request's topic when `topic`;
     Text-Safety), else the row's fixed `demo` text."""
     def fresh(r):
         if r.meta.get("concept"):
-            return lambda rng: synth.demonstration(r, rng, tags)
+            return lambda rng: synth.demonstration(r, rng, tags, share, topic)
         if r.meta.get("demo_source") == "textsafety":
             return lambda rng: textsafety.demonstration(r.prompt, rng)
         return r.meta["demo"]
@@ -137,8 +141,9 @@ def warm_start(model, processor, train_records, cfg: Config, device, out_dir) ->
         cross_entropy_stage(model, processor, captions, "none", s.caption_steps, s.caption_lr, cfg, device,
                             out_dir / "caption_metrics.jsonl")
     if s.steps:
-        cross_entropy_stage(model, processor, demonstration_records(train_records, s.tags), cfg.data.prompt_style,
-                            s.steps, s.lr, cfg, device, out_dir / "sft_metrics.jsonl")
+        demos = demonstration_records(train_records, s.tags, s.partial_share, s.step3 == "topic")
+        cross_entropy_stage(model, processor, demos, cfg.data.prompt_style, s.steps, s.lr, cfg, device,
+                            out_dir / "sft_metrics.jsonl")
 
 
 class FormatAnchor:
@@ -148,7 +153,8 @@ class FormatAnchor:
     from teaching any refuse-or-help choice."""
 
     def __init__(self, train_records, processor, cfg: Config, device):
-        self.records, self.processor, self.cfg, self.device = demonstration_records(train_records), processor, cfg, device
+        self.records = demonstration_records(train_records, topic=cfg.sft.step3 == "topic")   # step 3 as the warm start's
+        self.processor, self.cfg, self.device = processor, cfg, device
         self.tokenizer = getattr(processor, "tokenizer", processor)
 
     def loss(self, policy_fwd, step: int, update: int, rank: int = 0, world: int = 1) -> torch.Tensor:

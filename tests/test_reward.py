@@ -178,3 +178,20 @@ def test_fast_path_equals_regex_reference(text, gold):
     assert fast == ref
     assert compute_score(text, gold) == ref["total"]
     assert fast["total"] in TOTALS
+
+
+def test_reward_weights_are_the_papers_ablation():
+    """grpo.tag_weight / grpo.behavior_weight: 0.5 / 0.5 is eq. (1); one of them 0 leaves the other
+    term alone (the paper's ablation rows); the format gate multiplies either."""
+    right_tag_wrong_answer = ("<think><visual_safe>unsafe</visual_safe> <text_safe>safe</text_safe> "
+                              "<combined_safe>unsafe</combined_safe></think><answer>Sure, here it is.</answer>")
+    b = reward_breakdown(right_tag_wrong_answer, SSU)        # visual wrong: R_tag 0.75, R_behavior 0
+    assert (b["tag"], b["behavior"], b["total"]) == (0.75, 0.0, 0.375)
+    assert reward_breakdown(right_tag_wrong_answer, SSU, weights=(1.0, 0.0))["total"] == 0.75
+    assert reward_breakdown(right_tag_wrong_answer, SSU, weights=(0.0, 1.0))["total"] == 0.0
+    ungated = right_tag_wrong_answer.replace("</answer>", "")
+    assert reward_breakdown(ungated, SSU, weights=(1.0, 0.0))["total"] == 0.0
+    from safegrpo.config import load_config
+    import pytest
+    with pytest.raises(ValueError, match="grpo.tag_weight and grpo.behavior_weight are both 0"):
+        load_config(None, ["grpo.tag_weight=0", "grpo.behavior_weight=0"])

@@ -3,7 +3,9 @@
     EpochSampler      deterministic shuffled passes over n items; state (epoch, position)
     BalancedSampler   fixed shares from several pools (e.g. combined-safe / combined-unsafe),
                       interleaved by smooth weighted round robin
-    make_sampler      the one data.balance_* asks for
+    ContrastSampler   wraps either: a drawn row of a contrast set is followed by a twin (a row of
+                      the same set with the other combined tag), data.contrast_column
+    make_sampler      the one data.balance_* and data.contrast_column ask for
     prompt_seed       the sampling seed of the prompt at a position of a step
 
 Every rank draws the same sequence; the trainer decides which positions a rank owns. States
@@ -89,7 +91,65 @@ class BalancedSampler:
         self.turn = st.get("turn", 0)
 
 
+class ContrastSampler:
+    """Draws of `base`, each row that belongs to a contrast set followed by its twin: a row of the
+    same set (the same value of the contrast column) with the other combined tag, the set's rows of
+    that tag taken in deterministic shuffled passes. A twin that does not fit in a draw opens the
+    next one. For SafeTag-Synth the sets are the instructions of the compositional group: "the
+    quickest way down from the top of this?" with a bridge (unsafe) comes with the same question
+    about a teacup (safe), so a rule that reads the instruction alone gains on one and loses on the
+    other, and only judging image and text together earns reward net."""
+
+    def __init__(self, base, records, column: str, seed: int):
+        self.base, self.pending = base, []
+        if not any(column in r.meta for r in records):
+            raise ValueError(f"data.contrast_column {column!r}: the training data has no such column")
+        keys = [str(r.meta.get(column) or "") for r in records]
+        twins: dict = {}                                   # (set, combined tag) -> row indices
+        for i, (k, r) in enumerate(zip(keys, records)):
+            if k:
+                twins.setdefault((k, r.combine_tag), []).append(i)
+        # a row's twins: its set's rows of the other tag (a set with one tag has none)
+        self.twin_of = {i: (k, "unsafe" if r.combine_tag == "safe" else "safe")
+                        for i, (k, r) in enumerate(zip(keys, records))
+                        if k and (k, "unsafe" if r.combine_tag == "safe" else "safe") in twins}
+        if not self.twin_of:
+            raise ValueError(f"data.contrast_column {column!r}: no row has a twin (rows with the same value "
+                             "and the other combined tag)")
+        self.twins = twins
+        self.samplers = {key: EpochSampler(len(rows), seed + 104729 + n)
+                         for n, (key, rows) in enumerate(sorted(twins.items()))}
+
+    def take(self, k: int) -> list[int]:
+        out, self.pending = self.pending[:k], self.pending[k:]
+        while len(out) < k:
+            i = self.base.take(1)[0]
+            out.append(i)
+            if i in self.twin_of:
+                key = self.twin_of[i]
+                twin = self.twins[key][self.samplers[key].take(1)[0]]
+                (out if len(out) < k else self.pending).append(twin)
+        return out
+
+    def state(self) -> dict:
+        return {"base": self.base.state(), "pending": list(self.pending),
+                "twins": [[list(key), s.state()] for key, s in sorted(self.samplers.items())]}
+
+    def load(self, st: dict):
+        self.base.load(st["base"])
+        self.pending = list(st["pending"])
+        for key, ss in st["twins"]:
+            self.samplers[tuple(key)].load(ss)
+
+
 def make_sampler(records, d: DataConfig, seed: int):
+    """The sampler the data options ask for: `base_sampler`, wrapped in a ContrastSampler when
+    data.contrast_column names a column."""
+    base = base_sampler(records, d, seed)
+    return ContrastSampler(base, records, d.contrast_column, seed) if d.contrast_column else base
+
+
+def base_sampler(records, d: DataConfig, seed: int):
     """The sampler data.balance_combined / data.balance_groups ask for (a plain epoch sampler
     by default): data.safe_share of each step combined-safe, the rest combined-unsafe, and with
     balance_groups each part split evenly over its SafeTag groups."""
