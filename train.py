@@ -33,7 +33,8 @@ def main(argv=None):
                     help="write a LoRA checkpoint as a Hugging Face model directory with the adapter merged, and exit")
     args = ap.parse_args(argv)
     if args.export_merged:
-        from safegrpo.lora import export_merged, is_adapter_dir
+        from safegrpo.lora import is_adapter_dir
+        from safegrpo.model import export_merged
         ckpt, out = args.export_merged
         if not is_adapter_dir(ckpt):
             print(f"[error] {ckpt} is not a LoRA checkpoint (no adapter_config.json)", file=sys.stderr)
@@ -86,7 +87,7 @@ def run(cfg, trainer: Trainer, t_start: float) -> int:
     if not main_rank:
         return 0
     plot = plot_rewards(trainer.out / "metrics.jsonl", trainer.out / "reward_curves.png")
-    after = trainer.evaluate("after", trainer.policy if not dist.active() else final)
+    after = trainer.evaluate("after", trainer.policy.model if not dist.active() else final)
     print(f"\nfinal checkpoint: {final}\nreward curves: {plot}\nwall time: {time.time() - t_start:.0f} s")
     if before and after:
         table = comparison_table({"warm start (before)": before, "SafeGRPO (after)": after})

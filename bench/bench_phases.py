@@ -64,8 +64,8 @@ def main():
         tr = Trainer(load_config(tmp / "cfg.yaml"))
         tr.setup(model_dir)
         rows = [tr.train_step(s) for s in range(args.warmup + args.steps)][args.warmup:]
-        params = sum(p.numel() for n, p in tr.policy.named_parameters() if "visual" not in n)
-        visual = sum(p.numel() for n, p in tr.policy.named_parameters() if "visual" in n)
+        params = sum(p.numel() for n, p in tr.policy.model.named_parameters() if "visual" not in n)
+        visual = sum(p.numel() for n, p in tr.policy.model.named_parameters() if "visual" in n)
     med = lambda k: statistics.median(r[k] for r in rows)
     t_roll, t_ref, t_upd = med("time/rollout"), med("time/ref"), med("time/update")
     comp_tok = med("tokens/completion")

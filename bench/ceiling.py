@@ -35,6 +35,7 @@ from results import record  # noqa: E402
 from safegrpo.config import load_config  # noqa: E402
 from safegrpo.data import synth  # noqa: E402
 from safegrpo.eval.metrics import evaluate  # noqa: E402
+from safegrpo.policy import load  # noqa: E402
 from safegrpo.trainer import Trainer  # noqa: E402
 from safegrpo.warmstart import cross_entropy_stage, demonstration_records  # noqa: E402
 
@@ -72,7 +73,7 @@ def main():
     tr = Trainer(cfg, overwrite=True)
     t0 = time.time()
     init = tr.warm_start()                                     # caption + demonstrations (sft.tags)
-    model = tr.load_model(init)
+    model = load(cfg, init, tr.device)
     seen = seen_renders(cfg.data.synth, args.seen, seed=12345)
     gold = demonstration_records(tr.train_records, "gold", topic=cfg.sft.step3 == "topic")
     curve = []

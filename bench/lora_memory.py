@@ -23,9 +23,9 @@ from safegrpo.trainer import Trainer  # noqa: E402
 def held_bytes(tr: Trainer) -> dict:
     """Bytes of the policy's parameters, the reference's and the optimizer state."""
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)     # noqa: E731
-    opt = [v for st in tr.opt.state.values() for v in st.values() if hasattr(v, "numel") and v.numel() > 1]
-    return {"policy": nbytes(tr.policy.parameters()),
-            "reference": nbytes(tr.ref.parameters()) if tr.ref is not None else 0,
+    opt = [v for st in tr.updater.opt.state.values() for v in st.values() if hasattr(v, "numel") and v.numel() > 1]
+    return {"policy": nbytes(tr.policy.model.parameters()),
+            "reference": nbytes(tr.policy.ref.parameters()) if tr.policy.ref is not None else 0,
             "optimizer": nbytes(opt)}
 
 

@@ -142,7 +142,7 @@ class RolloutConfig:
     top_p: float = opt(1.0, within(0.0, 1.0, lo_open=True))   # nucleus; < 1 makes the update off-policy
     max_new_tokens: int = opt(4096, ge(1))      # completion length limit
     max_batch_tokens: int = opt(0, ge(0))       # KV-cache budget per rank, in tokens: resident prompts x the longest
-                                                # prompt + decoding rows x max_new_tokens (rl/rollout.slot_plan);
+                                                # prompt + decoding rows x max_new_tokens (rl/rollout.kv_plan);
                                                 # rows join as others finish. 0 = every prompt and row at once
 
 

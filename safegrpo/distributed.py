@@ -113,22 +113,6 @@ def gather_objects(obj) -> list:
     return out
 
 
-def logprobs_all_params(model, batch, *args, **kw):
-    """`forward.completion_logprobs`, and under FSDP a zero-weighted use of a trainable vision
-    tower when this micro-batch has no image: every rank must produce gradients for the same
-    parameters, or the gradient reduce-scatter of a rank with images waits forever for one
-    without."""
-    from .rl.forward import completion_logprobs
-    out = completion_logprobs(model, batch, *args, **kw)
-    visual = getattr(getattr(model, "model", None), "visual", None)
-    if active() and batch.get("pixel_values") is None and visual is not None:
-        params = [p for p in visual.parameters() if p.requires_grad]
-        if params:
-            zero = 0.0 * sum(p.sum() for p in params)
-            out = (out[0] + zero, out[1]) if isinstance(out, tuple) else out + zero
-    return out
-
-
 def decoder_layers(model) -> nn.ModuleList:
     """The transformer blocks of a Hugging Face causal or vision-language model."""
     for name, mod in model.named_modules():

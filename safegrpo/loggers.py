@@ -1,6 +1,11 @@
-"""Experiment tracking: each step's metrics to the trackers named in train.loggers.
+"""Each GRPO step's metrics: computed over every completion of all ranks, written to
+metrics.jsonl and to the trackers named in train.loggers.
 
-    jsonl        out_dir/metrics.jsonl, always (written by the trainer; the source of truth)
+    step_metrics  the step's line: reward and its parts, tag accuracies (overall, per SafeTag
+                  group), groups without reward spread, loss / KL / clip fraction / entropy /
+                  grad norm, lengths, times, token counts
+    MetricsFile   out_dir/metrics.jsonl, always (the source of truth): one whole line per step;
+                  on --resume the lines after the checkpoint's step are dropped
     tensorboard  out_dir/tensorboard/ through torch.utils.tensorboard (pip install -e ".[tensorboard]")
     wandb        Weights & Biases, run files under out_dir/wandb/ (pip install -e ".[wandb]");
                  WANDB_MODE=offline runs without a network (`wandb sync` uploads later)
@@ -13,9 +18,84 @@ from __future__ import annotations
 
 import json
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .config import Config
+from .files import write_atomic
+from .safety.reward import GOLD_KEYS, SHORT_NAMES, TAGS
+
+
+@dataclass
+class RankResult:
+    """What each rank reports of its rollout, gathered for the step's metrics."""
+    parts: list[dict]         # reward breakdown per completion
+    gold: list[dict]          # gold tags per completion
+    rewards: list[float]
+    lengths: list[int]
+    prompt_tokens: float
+    image_tokens: float
+    errors: int = 0
+    timeouts: int = 0
+
+
+def step_metrics(step: int, ranks: list[RankResult], stats: dict, times: tuple, lr: float, cfg: Config) -> dict:
+    """The step's line of metrics.jsonl, over the completions of all ranks. stats: the update's
+    sums (update.Updater.update); times: (rollout, log-probs, update) seconds."""
+    G = cfg.rollout.group_size
+    parts, gold = [p for r in ranks for p in r.parts], [x for r in ranks for x in r.gold]
+    rewards = torch.tensor([x for r in ranks for x in r.rewards])                        # [N]
+    lengths = torch.tensor([x for r in ranks for x in r.lengths], dtype=torch.float32)   # [N]
+    prompt_tokens, image_tokens = sum(r.prompt_tokens for r in ranks), sum(r.image_tokens for r in ranks)
+    n, t_all = len(parts), sum(times)
+    m = {"step": step + 1, "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()}
+    m.update({f"reward/{k}": sum(p[k] for p in parts) / n for k in ("format", "tag", "behavior")})
+    m.update({f"tag_acc/{short}": sum(p["pred"][tag] == g[GOLD_KEYS[tag]] for p, g in zip(parts, gold)) / n
+              for tag, short in SHORT_NAMES.items()})
+    group = lambda g: "/".join(g[GOLD_KEYS[t]] for t in TAGS)      # noqa: E731  SafeTag group visual/text/combined
+    by_group = {}                     # combined-tag accuracy per SafeTag group
+    for p, g in zip(parts, gold):
+        by_group.setdefault(group(g), []).append(p["pred"]["combined_safe"] == g["combine_tag"])
+    m.update({f"group_acc/{k}": sum(v) / len(v) for k, v in sorted(by_group.items())})
+    flat = {}                         # per SafeTag group: share of its prompts whose G rewards are all equal
+    for i in range(0, n, G):
+        flat.setdefault(group(gold[i]), []).append(float(rewards[i:i + G].std() == 0))
+    m.update({f"zero_std/{k}": sum(v) / len(v) for k, v in sorted(flat.items())})
+    if cfg.grpo.reward:
+        m.update({"reward/errors": sum(r.errors for r in ranks), "reward/timeouts": sum(r.timeouts for r in ranks)})
+    m.update({"kl": stats["kl"], "clip_frac": stats["clipped"], "entropy": stats["entropy"], "loss": stats["loss"],
+              "grad_norm": stats["grad_norm"], **({"ptx": stats["ptx"]} if cfg.grpo.ptx_coef > 0 else {}),
+              "lr": lr, "response_len/mean": lengths.mean().item(), "response_len/max": lengths.max().item(),
+              "frac_truncated": (lengths >= cfg.rollout.max_new_tokens).float().mean().item(),
+              "frac_zero_std_groups": (rewards.view(-1, G).std(-1) == 0).float().mean().item(),
+              "time/rollout": times[0], "time/ref": times[1], "time/update": times[2],
+              "tokens_per_s": (float(lengths.sum()) + prompt_tokens) / t_all if t_all > 0 else 0.0,
+              "tokens/completion": float(lengths.sum()), "tokens/prompt": prompt_tokens, "tokens/image": image_tokens})
+    return m
+
+
+class MetricsFile:
+    """out_dir/metrics.jsonl: one JSON line per step, each appended whole (rank 0)."""
+
+    def __init__(self, out: Path, resume_step: int | None = None):
+        """resume_step: on --resume, the checkpoint's step (0 without one): later lines are dropped."""
+        self.path = Path(out) / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            keep = []
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:        # a line cut short by a kill mid-append
+                    continue
+                if row.get("step", resume_step + 1) <= resume_step:
+                    keep.append(line)
+            write_atomic(self.path, "".join(line + "\n" for line in keep))
+
+    def append(self, m: dict) -> None:
+        with open(self.path, "a") as fh:       # one write per line: whole or absent
+            fh.write(json.dumps(m) + "\n")
 
 
 def flat_config(cfg: Config) -> dict:

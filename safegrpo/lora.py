@@ -3,10 +3,11 @@
     W x  becomes  W x + (alpha / r) B A x,   A [r, in] random, B [out, r] zero at the start
 
 Only A and B train. The reference policy of the KL term is the same network with its adapters
-switched off (`reference_logprobs`), so no second copy of the weights exists. The adapters go
-into the Hugging Face model in place (peft's `inject_adapter_in_model`): the model keeps its
-class and module paths, so the prompt-once forward, the lean decoder (which reads each
-projection's merged weight, `effective_weight`) and FSDP2's per-layer units work unchanged.
+switched off (`adapters_disabled`, used by policy.lora_logprobs), so no second copy of the
+weights exists. The adapters go into the Hugging Face model in place (peft's
+`inject_adapter_in_model`): the model keeps its class and module paths, so the prompt-once
+forward, the lean decoder (which reads each projection's merged weight,
+rl/layers.effective_weight) and FSDP2's per-layer units work unchanged.
 
 A LoRA checkpoint holds the adapter only:
 
@@ -14,20 +15,22 @@ A LoRA checkpoint holds the adapter only:
                                       and fingerprint (checked whenever the adapter is loaded)
     step_N/adapter_model.safetensors  the A and B matrices, by parameter name
 
-`load_merged` reads such a directory back as a plain model with the adapter merged (eval.py and
-`train.py --export-merged` use it).
+`load_merged` reads such a directory back as a plain model with the adapter merged (model.load_model
+does so for eval.py, and model.export_merged for `train.py --export-merged`). This module imports
+no model-loading code: model.py depends on it, not the other way round.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .config import LoraConfig
+from .model_files import resolve_model_path
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -83,10 +86,6 @@ def lora_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
-def has_lora(model) -> bool:
-    return getattr(model, "_safegrpo_lora", None) is not None
-
-
 @contextmanager
 def adapters_disabled(model):
     """Context: `model` computes as its base model (the reference policy); restored on exit."""
@@ -98,25 +97,6 @@ def adapters_disabled(model):
     finally:
         for m in layers:
             m.enable_adapters(True)
-
-
-def effective_weight(module) -> torch.Tensor:
-    """The weight a linear layer applies: W, or for an active LoRA layer W + (alpha / r) B A."""
-    w = module.weight
-    if getattr(module, "lora_A", None) is None or module.disable_adapters or module.merged:
-        return w
-    for name in module.active_adapters:
-        if name in module.lora_A:
-            w = w + module.get_delta_weight(name).to(w.dtype)
-    return w
-
-
-def logprobs(model, *args, reference: bool = False, **kw):
-    """`distributed.logprobs_all_params` of the policy, or with reference=True of the reference
-    (the same network, adapters off)."""
-    from .distributed import logprobs_all_params
-    with adapters_disabled(model) if reference else nullcontext():
-        return logprobs_all_params(model, *args, **kw)
 
 
 def adapter_state(state_dict: dict) -> dict:
@@ -132,7 +112,6 @@ def base_fingerprint(path) -> str:
     config and tokenizer files' names, sizes and 16 evenly spaced 64 KiB samples of each (whole files
     up to 1 MiB). Another fine-tune or vocabulary at the same path changes it; reading costs ~1 MiB
     a file, whatever the model's size."""
-    from .model import resolve_model_path
     folder, gguf = resolve_model_path(path)
     folder = Path(folder)
     files = [folder / gguf] if gguf else \
@@ -162,19 +141,19 @@ def save_adapter(directory: Path, tensors: dict, lora: LoraConfig, base: str, fi
          "base_fingerprint": fingerprint}, indent=1))
 
 
-def check_base(directory, base=None) -> None:
+def check_base(directory, base=None, fingerprint: str | None = None) -> None:
     """Raise when the base model at `base` (default: the path the adapter directory records) is not
-    the one the adapter was trained on (its recorded base_fingerprint)."""
-    from .model import resolve_model_path
+    the one the adapter was trained on (its recorded base_fingerprint). `fingerprint`: base's,
+    when the caller has computed it already."""
     f = Path(directory) / ADAPTER_CONFIG
-    recorded = json.loads(f.read_text()).get("base_fingerprint")
-    base = base or adapter_config(directory)[1]
+    c = _adapter_json(directory)
+    recorded, base = c.get("base_fingerprint"), base or c["base_model_name_or_path"]
     if not Path(resolve_model_path(base)[0]).exists():
         raise RuntimeError(f"{f}: its base model {base} does not exist")
     if recorded is None:
         raise RuntimeError(f"{f}: records no base_fingerprint, so its base model cannot be checked "
                            "(written by an older safegrpo; add the key by hand if you are sure of the base)")
-    if base_fingerprint(base) != recorded:
+    if (fingerprint or base_fingerprint(base)) != recorded:
         raise RuntimeError(f"{f}: the base model at {base} is not the one this adapter was trained on "
                            "(its weights, config or tokenizer differ from the recorded base_fingerprint)")
 
@@ -199,15 +178,25 @@ def read_adapter(directory, model) -> None:
     model.load_state_dict(tensors, strict=False)
 
 
-def adapter_config(directory) -> tuple[LoraConfig, str]:
-    """(the LoRA settings, the base model's path) of an adapter directory."""
+def _adapter_json(directory) -> dict:
+    """adapter_config.json's keys, read once; an error names the file."""
     f = Path(directory) / ADAPTER_CONFIG
     try:
         c = json.loads(f.read_text())
-        return LoraConfig(rank=c["r"], alpha=c["lora_alpha"], dropout=c["lora_dropout"],
-                          target_modules=c["target_modules"]), c["base_model_name_or_path"]
+        missing = [k for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "base_model_name_or_path")
+                   if k not in c]
+        if missing:
+            raise KeyError(", ".join(missing))
+        return c
     except Exception as e:
         raise RuntimeError(f"{f}: not an adapter config ({type(e).__name__}: {e})") from e
+
+
+def adapter_config(directory) -> tuple[LoraConfig, str]:
+    """(the LoRA settings, the base model's path) of an adapter directory."""
+    c = _adapter_json(directory)
+    return LoraConfig(rank=c["r"], alpha=c["lora_alpha"], dropout=c["lora_dropout"],
+                      target_modules=c["target_modules"]), c["base_model_name_or_path"]
 
 
 def merge(model):
@@ -234,21 +223,3 @@ def load_merged(directory, load_base):
     model = apply_lora(load_base(base), lora)
     read_adapter(directory, model)
     return merge(model)
-
-
-EXPORT_MARKER = "safegrpo_export.json"        # marks a folder --export-merged wrote (and may replace)
-
-
-def export_merged(directory, out) -> Path:
-    """Write the adapter checkpoint `directory` as a plain Hugging Face model directory `out`
-    (the adapter merged into the weights, the processor files copied), atomically."""
-    from .files import atomic_path
-    from .model import load_model, load_processor
-    out = Path(out)
-    with atomic_path(out, ours=lambda p: (p / EXPORT_MARKER).is_file()) as tmp:     # only an earlier export
-        model = load_merged(directory, lambda base: load_model(base))
-        processor = load_processor(directory)
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        (tmp / EXPORT_MARKER).write_text(json.dumps({"merged_from": str(Path(directory).resolve())}))
-    return out

@@ -35,7 +35,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import distributed as dist
 from .config import Config
+from .model import model_class
+from .model_files import resolve_model_path
+from .rl.decode import lean_supported
 
 GB = 1024 ** 3
 HEADROOM = 0.9                            # of the device, for what the estimate leaves out
@@ -63,14 +67,11 @@ class ModelSize:
 def model_size(model_config, freeze_vision: bool = False) -> ModelSize:
     """Parameter counts of the model a Hugging Face config describes, from a meta-device build
     (no memory, no weights), and the text stack's shape."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-    cls = AutoModelForImageTextToText if hasattr(model_config, "vision_config") else AutoModelForCausalLM
     with torch.device("meta"):
-        model = cls.from_config(model_config)
+        model = model_class(model_config).from_config(model_config)
     n = sum(p.numel() for p in model.parameters())
     vision = sum(p.numel() for n_, p in model.named_parameters() if "visual" in n_)
     layers = sum(p.numel() for n_, p in model.named_parameters() if ".layers." in n_ and "visual" not in n_)
-    from .rl.decode import lean_supported
     t = model_config.get_text_config()
     heads = t.num_attention_heads
     return ModelSize(n, n - vision if freeze_vision else n, layers, t.num_hidden_layers, t.hidden_size,
@@ -175,3 +176,24 @@ def device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device.index or 0).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def print_memory_plan(cfg: Config, path, device) -> MemoryPlan | None:
+    """The memory plan of this config and the model at `path`, printed by rank 0; raises
+    MemoryPlanError when a phase would not fit (train.check_memory). None for an architecture
+    the meta-device count cannot build."""
+    from transformers import AutoConfig
+    dir_, gguf = resolve_model_path(path)
+    try:
+        model_config = AutoConfig.from_pretrained(dir_, gguf_file=gguf, trust_remote_code=cfg.model.trust_remote_code)
+        size = model_size(model_config, cfg.grpo.freeze_vision_tower)
+    except Exception as e:           # an architecture the meta-device count cannot build: no plan
+        if dist.is_main():
+            print(f"[memory] no plan ({type(e).__name__}: {e})")
+        return None
+    plan = plan_memory(cfg, size, dist.world_size(), device_memory(device))
+    if dist.is_main():
+        print(f"[memory] {plan.table()}")
+    if cfg.train.check_memory:
+        plan.check()
+    return plan

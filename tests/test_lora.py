@@ -86,9 +86,9 @@ def test_lora_steps_change_only_adapters_and_checkpoint_the_adapter(tmp_path, ti
     cfg = load_config(cfg_path)
     tr = Trainer(cfg)
     final = tr.fit()
-    assert tr.ref is None and tr.ref_fwd is tr.policy_fwd          # no second copy of the weights
+    assert tr.policy.ref is None and tr.policy.ref_fwd is tr.policy.fwd          # no second copy of the weights
     init = load_model(tiny_model_dir).state_dict()
-    state = tr.policy.state_dict()
+    state = tr.policy.model.state_dict()
     changed = 0
     for name, p in state.items():
         base = name.replace(".base_layer", "")
@@ -99,7 +99,7 @@ def test_lora_steps_change_only_adapters_and_checkpoint_the_adapter(tmp_path, ti
     assert changed > 0
     assert (final / "adapter_model.safetensors").is_file() and not list(final.glob("model*.safetensors"))
     saved = load_file(final / "adapter_model.safetensors")
-    assert set(saved) == {n for n, p in tr.policy.named_parameters() if p.requires_grad}
+    assert set(saved) == {n for n, p in tr.policy.model.named_parameters() if p.requires_grad}
     assert json.loads((final / "adapter_config.json").read_text())["r"] == 4
     assert rows(tmp_path / "run")[-1]["kl"] > 0                    # the reference is the base network
 
@@ -114,9 +114,9 @@ def test_lora_steps_change_only_adapters_and_checkpoint_the_adapter(tmp_path, ti
     batch, _ = _batch(tiny_model_dir, synth_dir)
     ids = torch.randint(5, 1000, (4, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        tr.policy.eval()
+        tr.policy.model.eval()
         torch.testing.assert_close(completion_logprobs(merged, batch, ids, torch.ones_like(ids), 2),
-                                   completion_logprobs(tr.policy, batch, ids, torch.ones_like(ids), 2),
+                                   completion_logprobs(tr.policy.model, batch, ids, torch.ones_like(ids), 2),
                                    atol=1e-5, rtol=0)
         torch.testing.assert_close(completion_logprobs(load_model(final).eval(), batch, ids, torch.ones_like(ids), 2),
                                    completion_logprobs(merged, batch, ids, torch.ones_like(ids), 2), atol=0, rtol=0)
@@ -192,18 +192,18 @@ def test_lora_dropout_is_off_in_every_log_prob_of_the_update(tmp_path, tiny_mode
     tr = Trainer(cfg)
     tr.setup(tiny_model_dir)
     with torch.no_grad():                                 # adapters that change the output
-        for n, p in tr.policy.named_parameters():
+        for n, p in tr.policy.model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
-    assert not [m for m in tr.policy.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    assert not [m for m in tr.policy.model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
     batch, _ = _batch(tiny_model_dir, synth_dir)
     ids = torch.randint(5, 1000, (4, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        tr.policy.eval()
-        want = tr.policy_fwd(batch, ids, mask, 2)
-        tr.policy.train()
-        got = [tr.policy_fwd(batch, ids, mask, 2) for _ in range(2)]
+        tr.policy.model.eval()
+        want = tr.policy.fwd(batch, ids, mask, 2)
+        tr.policy.model.train()
+        got = [tr.policy.fwd(batch, ids, mask, 2) for _ in range(2)]
     for g in got:
         torch.testing.assert_close(g, want, atol=1e-6, rtol=0)
 

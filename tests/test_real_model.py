@@ -28,7 +28,7 @@ def test_smollm2_loads_and_takes_one_step(tmp_path):
     tr = Trainer(cfg)
     assert tr.tokenizer.eos_token == "<|im_end|>" and tr.tokenizer.chat_template   # its own tokenizer and template
     tr.setup(tr.model_dir)
-    assert type(tr.policy).__name__ == "LlamaForCausalLM" and sum(p.numel() for p in tr.policy.parameters()) > 1e8
+    assert type(tr.policy.model).__name__ == "LlamaForCausalLM" and sum(p.numel() for p in tr.policy.model.parameters()) > 1e8
     m = tr.train_step(0)
     assert all(math.isfinite(m[k]) for k in ("loss", "grad_norm", "entropy")) and m["response_len/mean"] > 0
 

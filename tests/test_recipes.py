@@ -64,10 +64,10 @@ def test_recipe_runs_one_step_on_a_tiny_model_of_its_family(recipe, tmp_path, fa
     # would be exactly zero: move the reference a little, so that the KL term pulls
     torch.manual_seed(0)
     with torch.no_grad():
-        for p in tr.ref.parameters():
+        for p in tr.policy.ref.parameters():
             p.add_(1e-2 * torch.randn_like(p))
-    before = [p.detach().clone() for p in tr.policy.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in tr.policy.model.parameters() if p.requires_grad]
     m = tr.train_step(0)
-    after = [p for p in tr.policy.parameters() if p.requires_grad]
+    after = [p for p in tr.policy.model.parameters() if p.requires_grad]
     assert all(math.isfinite(m[k]) for k in ("loss", "kl", "grad_norm", "reward/mean")) and m["kl"] > 0
     assert any(not (a == b).all() for a, b in zip(after, before))      # the optimizer stepped

@@ -12,6 +12,7 @@ import yaml
 
 from safegrpo.checkpoint import latest_checkpoint
 from safegrpo.config import load_config
+from safegrpo.policy import load
 from safegrpo.trainer import NonFiniteError, Trainer
 from safegrpo.warmstart import FormatAnchor, tokenize_completions, warm_start as warm_start_stages
 
@@ -48,7 +49,7 @@ def warm_start(cfg, model_dir, out, steps):
     """The format warm start (sft) of the tiny test model, saved to `out`; returns the Trainer."""
     cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr, cfg.sft.warmup_steps = steps, 8, 3e-3, 5
     tr = Trainer(cfg)
-    model = tr.load_model(model_dir)
+    model = load(tr.cfg, model_dir, tr.device)
     warm_start_stages(model, tr.processor, tr.train_records, cfg, tr.device, tr.out)
     model.save_pretrained(out)
     tr.processor.save_pretrained(out)
@@ -118,11 +119,11 @@ def test_non_finite_loss_stops_without_checkpoint(tmp_path, tiny_model_dir, synt
     tr = Trainer(cfg)
     tr.setup(tiny_model_dir)
     with torch.no_grad():                      # a broken reference: the rollout works, the KL term is NaN
-        tr.ref.lm_head.weight.fill_(float("nan"))
+        tr.policy.ref.lm_head.weight.fill_(float("nan"))
     with pytest.raises(NonFiniteError, match="non-finite loss at step 0"):
         tr.train_step(0)
     with torch.no_grad():                      # a broken policy: caught in the rollout
-        tr.policy.lm_head.weight[0, 0] = float("nan")
+        tr.policy.model.lm_head.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="non-finite policy at step 1"):
         tr.train_step(1)
     assert latest_checkpoint(tmp_path / "run" / "checkpoints") is None
@@ -177,11 +178,11 @@ def test_token_budget_micro_batches_take_the_same_step(tmp_path, tiny_model_dir,
     """Whole groups packed by a token budget give the same update as fixed-size micro-batches
     (token-mean over the mini-batch does not depend on the split)."""
     from safetensors.torch import load_file
-    from safegrpo.rl.batching import micro_batches, split_to
+    from safegrpo.rl.batching import passes_of, split_to
     costs = [50, 60, 110, 15]                              # prompt once + its G completions, per prompt
-    assert micro_batches(costs, 4, 2) == [[(0, 2), (2, 4)]]
-    assert micro_batches(costs, 4, 2, token_budget=120) == [[(0, 2), (2, 3), (3, 4)]]
-    assert micro_batches([50, 60], 1, 8, token_budget=10) == [[(0, 1)], [(1, 2)]]   # never crosses a mini-batch
+    assert passes_of(costs, 2) == [(0, 2), (2, 4)]
+    assert passes_of(costs, 2, token_budget=120) == [(0, 2), (2, 3), (3, 4)]
+    assert passes_of([50, 60], 8, token_budget=10) == [(0, 1), (1, 2)]   # a group over the budget: a pass alone
     # another rank needs 3 passes: split the costliest pass where its halves balance
     assert split_to([(0, 4)], [10, 10, 10, 50], 2) == [(0, 3), (3, 4)]
     assert split_to([(0, 2), (2, 5)], [10, 10, 30, 30, 40], 4) == [(0, 2), (2, 3), (3, 4), (4, 5)]
@@ -326,15 +327,15 @@ def test_dropout_is_off_in_every_log_prob_of_the_update(tmp_path, tiny_model_dir
         "grpo.beta": 0.1, "grpo.entropy_coef": 0.01, "data.test": ""}))
     tr = Trainer(cfg)
     tr.setup(model_dir)
-    assert tr.policy.config.text_config.attention_dropout == 0.5          # the saved config is untouched
-    batch = tr.encode(tr.train_records[:2], [0, 1])
+    assert tr.policy.model.config.text_config.attention_dropout == 0.5          # the saved config is untouched
+    batch = tr.collector.encode(tr.train_records[:2], [0, 1])
     ids = torch.randint(5, 500, (4, 6))
     mask = torch.ones(4, 6)
-    tr.policy.train()
-    a = completion_logprobs(tr.policy, batch, ids, mask, 2)
-    b = completion_logprobs(tr.policy, batch, ids, mask, 2)
-    tr.policy.eval()
-    c = completion_logprobs(tr.policy, batch, ids, mask, 2)
+    tr.policy.model.train()
+    a = completion_logprobs(tr.policy.model, batch, ids, mask, 2)
+    b = completion_logprobs(tr.policy.model, batch, ids, mask, 2)
+    tr.policy.model.eval()
+    c = completion_logprobs(tr.policy.model, batch, ids, mask, 2)
     assert torch.equal(a, b) and torch.allclose(a, c, atol=1e-6)
     m = tr.train_step(0)
     assert m["kl"] < 1e-7 and m["clip_frac"] == 0.0
@@ -399,7 +400,7 @@ def test_one_temperature_for_rollout_old_reference_policy_and_entropy(tmp_path, 
         tr.setup(tiny_model_dir)
         seen.clear()
         captured.clear()
-        before = copy.deepcopy(tr.policy).eval()
+        before = copy.deepcopy(tr.policy.model).eval()
         m = tr.train_step(0)
         assert seen and set(seen) == {0.7}, seen              # reference, old and policy passes alike
         logp, old = captured["first"]

@@ -7,8 +7,9 @@
                       the same set with the other combined tag), data.contrast_column
     make_sampler      the one data.balance_* and data.contrast_column ask for
     prompt_seed       the sampling seed of the prompt at a position of a step
+    rank_share        which positions of a step's draw a rank owns
 
-Every rank draws the same sequence; the trainer decides which positions a rank owns. States
+Every rank draws the same sequence and takes its share of it (`rank_share`). States
 are plain dicts saved in checkpoints, so a resumed run draws what the uninterrupted one would.
 """
 from __future__ import annotations
@@ -25,6 +26,16 @@ def prompt_seed(seed: int, step: int, position: int) -> int:
     """Seed of the `position`-th prompt of GRPO step `step`: a prompt's completions do not
     depend on which rank or micro-batch it lands in, or on a resume."""
     return (seed * 1_000_003 + step) * 1_000_033 + position
+
+
+def rank_share(drawn: list[int], mini_batch_prompts: int, world: int, rank: int) -> tuple[list[int], list[int]]:
+    """(positions, records): this rank's share of a step's draw. Mini-batch u is positions
+    [u*MB, (u+1)*MB) whatever the world size, split evenly over the ranks in rank order, so a
+    rank's positions ascend and its part of each mini-batch is contiguous."""
+    mb = mini_batch_prompts // world                     # this rank's prompts per mini-batch
+    positions = [u * mini_batch_prompts + rank * mb + k for u in range(len(drawn) // mini_batch_prompts)
+                 for k in range(mb)]
+    return positions, [drawn[i] for i in positions]
 
 
 class EpochSampler:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import distributed as dist
 from ..data import synth
 from ..rl.rollout import decode_completions, generate
 from ..safety.judge import load_judge
@@ -125,9 +126,32 @@ def score(records, completions, judge="keywords") -> dict:
 
 
 def evaluate(model, processor, records, prompt_style: str, max_new_tokens: int, batch_size: int = 32,
-             judge="keywords", **kw) -> tuple[dict, list[str]]:
-    completions = generate_completions(model, processor, records, prompt_style, max_new_tokens, batch_size, **kw)
-    return score(records, completions, judge), completions
+             judge="keywords", split_ranks: bool = False, **kw) -> tuple[dict | None, list[str] | None]:
+    """(metrics, completions) of `model` on `records`, greedy by default: the one evaluation path
+    of eval.py, the trainer's validation and its before/after evaluations. split_ranks: under
+    torchrun each rank decodes records R, R + W, ... (with `model` gathered by the caller) and
+    rank 0 scores them all; the other ranks get (None, None)."""
+    W, R = (dist.world_size(), dist.rank()) if split_ranks else (1, 0)
+    mine = list(range(R, len(records), W))
+    texts = generate_completions(model, processor, [records[i] for i in mine], prompt_style, max_new_tokens,
+                                 batch_size, **kw)
+    if W > 1:
+        done = {i: t for r in dist.gather_objects(list(zip(mine, texts))) for i, t in r}
+        if not dist.is_main():
+            return None, None
+        texts = [done[i] for i in range(len(records))]
+    return score(records, texts, judge), texts
+
+
+def validation_line(m: dict) -> dict:
+    """The val/... keys a validation adds to its step's line of metrics.jsonl."""
+    out = {"val/reward/mean": m["reward_mean"], "val/format": m["format_rate"],
+           "val/refusal_rate_unsafe": m["refusal_rate_unsafe"], "val/refusal_rate_safe": m["refusal_rate_safe"]}
+    out.update({f"val/tag_acc/{k}": v for k, v in m["tag_acc"].items()})
+    out.update({f"val/group_acc/{g}": v for g, v in m["group_acc"].items()})
+    if m["decoy_acc"] is not None:
+        out["val/decoy_acc"] = m["decoy_acc"]
+    return out
 
 
 ROWS = [("format pass rate", lambda m: m["format_rate"]),

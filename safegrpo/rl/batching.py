@@ -1,8 +1,8 @@
 """How a GRPO step's prompts are cut into forward/backward passes.
 
     slice_prompts   prompts a..b-1 of an encoded batch, with their images' patches
-    micro_batches   per mini-batch, the prompt ranges of its passes: a fixed number of
-                    prompts each, or as many whole groups as fit in a token budget
+    passes_of       a mini-batch's passes (prompt ranges): a fixed number of prompts each,
+                    or as many whole groups as fit in a token budget
     split_to        the same prompts in exactly n passes (every rank must run as many)
 
 A group (a prompt and its G completions) is never split: the prompt-once forward runs a
@@ -26,27 +26,24 @@ def slice_prompts(batch: dict, a: int, b: int, images_per_prompt: list[int]) -> 
     return out
 
 
-def micro_batches(costs: list[int], mini: int, prompts: int, token_budget: int = 0) -> list[list[tuple[int, int]]]:
-    """Per mini-batch (`mini` consecutive prompts), the prompt ranges [a, b) of its
-    forward/backward passes: `prompts` per pass, or with token_budget > 0 as many whole groups as
-    fit in that many tokens (`costs[i]`: prompt i once plus its G completions, the prompt-once
-    forward), at least one. The token-mean loss does not depend on the split."""
-    out = []
-    for lo in range(0, len(costs), mini):
-        hi, a, passes = min(lo + mini, len(costs)), lo, []
-        while a < hi:
-            b = a + 1
-            if token_budget > 0:
-                used = costs[a]
-                while b < hi and used + costs[b] <= token_budget:
-                    used += costs[b]
-                    b += 1
-            else:
-                b = min(a + prompts, hi)
-            passes.append((a, b))
-            a = b
-        out.append(passes)
-    return out
+def passes_of(costs: list[int], prompts: int, token_budget: int = 0) -> list[tuple[int, int]]:
+    """The prompt ranges [a, b) of one mini-batch's forward/backward passes: `prompts` per pass,
+    or with token_budget > 0 as many whole groups as fit in that many tokens (`costs[i]`: prompt
+    i once plus its G completions, the prompt-once forward), at least one. The token-mean loss
+    does not depend on the split."""
+    passes, a = [], 0
+    while a < len(costs):
+        b = a + 1
+        if token_budget > 0:
+            used = costs[a]
+            while b < len(costs) and used + costs[b] <= token_budget:
+                used += costs[b]
+                b += 1
+        else:
+            b = min(a + prompts, len(costs))
+        passes.append((a, b))
+        a = b
+    return passes
 
 
 def split_to(passes: list[tuple[int, int]], costs: list[int], n: int) -> list[tuple[int, int]]:

@@ -30,29 +30,14 @@ hidden states against the Hugging Face step and greedy rollouts against `model.g
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from .layers import effective_weight, rms_norm, rotate_half, text_model
+
 SUPPORTED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen2", "qwen3", "llama"}
-
-
-def text_model(model):
-    """The decoder stack (embeddings, layers, final norm, rotary) of a VL or plain causal LM."""
-    base = model.model
-    return getattr(base, "language_model", base)
-
-
-def _rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    """Hugging Face's RMSNorm, exactly: normalise in fp32, cast back, then scale."""
-    eps = getattr(norm, "variance_epsilon", None) or norm.eps
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return norm.weight * xf.to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def lean_unsupported(model) -> str | None:
@@ -88,6 +73,20 @@ def decode_path(model) -> str:
     why = lean_unsupported(model)
     return "lean decoder (cascade attention over each prompt's cache)" if why is None else \
         f"Hugging Face step (the lean decoder does not apply: {why})"
+
+
+@dataclass
+class StepPlan:
+    """What every layer's attention needs of one decode step of n live rows."""
+    P: int                    # prompt slots in use (rows read slots 0..P-1)
+    canonical: bool           # row i is sample i % G of prompt slot i // G: prompt scores are views
+    flat: torch.Tensor        # [n] row -> its (prompt slot, sample) entry, slot * G + sample
+    at: object                # where each row writes this token's key: page ids [n] (or a slice) ...
+    off: object               # ... and offsets in the page [n] (or one int)
+    nb: int                   # pages read per row
+    page: int                 # tokens per page read (dense: the current length)
+    pages: torch.Tensor | None   # [n * nb] page ids to gather (None: dense, read in place)
+    later: torch.Tensor | None   # [n, nb, 1, 1, page] True at positions after the row's t (None: none)
 
 
 class LeanDecoder:
@@ -133,9 +132,8 @@ class LeanDecoder:
 
     @staticmethod
     def _layer_weights(layer, dtype):
-        """The layer's projection weights (a LoRA layer's merged: lora.effective_weight) and
+        """The layer's projection weights (a LoRA layer's merged: layers.effective_weight) and
         biases, cast to `dtype` (None: as stored)."""
-        from ..lora import effective_weight
         a, mlp = layer.self_attn, layer.mlp
         mods = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.detach().to(dtype))
@@ -169,63 +167,57 @@ class LeanDecoder:
         cos, sin = emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
         return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]               # [n, 1, d]
 
-    def _plan(self, prompt, g_idx, t, table, canonical: bool, t_max: int | None) -> dict:
-        """What every layer's attention needs of this step, computed once: where each row writes
-        its key, which pages it reads, the mask of positions after t, and (canonical rows: row i
-        is sample i % G of prompt slot i // G) whether prompt scores can be views, not gathers."""
+    def _plan(self, prompt, g_idx, t, table, canonical: bool, t_max: int | None) -> "StepPlan":
+        """What every layer's attention needs of this step, computed once (see StepPlan)."""
         n, page, dev = t.shape[0], self.page, t.device
         T_cur = (int(t.max()) if t_max is None else t_max) + 1
         rows = torch.arange(n, device=dev)
-        plan = {"P": int(prompt[-1]) + 1 if canonical else int(prompt.max()) + 1, "canonical": canonical,
-                "flat": prompt * self.G + g_idx}                # row -> its (prompt slot, sample) entry
+        P = int(prompt[-1]) + 1 if canonical else int(prompt.max()) + 1
+        flat = prompt * self.G + g_idx
         if self.dense:                    # row slot r owns page r + 1: read in place
-            plan["at"], plan["off"] = rows + 1, t
-            plan["nb"], plan["page"], plan["pages"] = 1, T_cur, None
             if int(t.min()) == T_cur - 1:   # every row at the same position: slice writes, nothing to mask
-                plan["at"], plan["off"], plan["later"] = slice(1, n + 1), T_cur - 1, None
-                return plan
+                return StepPlan(P, canonical, flat, slice(1, n + 1), T_cur - 1, 1, T_cur, None, None)
+            at, off, nb, span_page, pages = rows + 1, t, 1, T_cur, None
         else:
-            plan["at"], plan["off"] = table[rows, t // page], t % page
-            plan["nb"], plan["page"] = (T_cur - 1) // page + 1, page
-            plan["pages"] = table[:, :plan["nb"]].flatten()
-        span = plan["nb"] * plan["page"]
-        plan["later"] = torch.arange(span, device=dev).view(1, plan["nb"], 1, 1, plan["page"]) > t.view(n, 1, 1, 1, 1)
-        return plan
+            at, off, nb, span_page = table[rows, t // page], t % page, (T_cur - 1) // page + 1, page
+            pages = table[:, :nb].flatten()
+        later = torch.arange(nb * span_page, device=dev).view(1, nb, 1, 1, span_page) > t.view(n, 1, 1, 1, 1)
+        return StepPlan(P, canonical, flat, at, off, nb, span_page, pages, later)
 
     def _attention(self, q, k, v, layer_idx, plan: dict):
         """q [n, heads, d]; this token's k, v [n, kvh, d] -> attention output [n, heads * d]."""
         n, kvh, d, G = q.shape[0], self.kvh, self.head_dim, self.G
         g = q.shape[1] // kvh                             # query heads per kv head (head h reads kv h // g)
-        P, nb, page, flat = plan["P"], plan["nb"], plan["page"], plan["flat"]
+        P, nb, page, flat = plan.P, plan.nb, plan.page, plan.flat
         Kp, Vp = self.prompt_kv[layer_idx]                                         # [P, kvh, Lp, d]
         Kpool, Vpool = self.pages[layer_idx]                                       # [pages, kvh, page, d]
-        Kpool[plan["at"], :, plan["off"]], Vpool[plan["at"], :, plan["off"]] = k, v
-        if plan["pages"] is None:         # dense: row slot r owns page r + 1, read in place
+        Kpool[plan.at, :, plan.off], Vpool[plan.at, :, plan.off] = k, v
+        if plan.pages is None:         # dense: row slot r owns page r + 1, read in place
             Kg, Vg = Kpool[1:n + 1, :, :page], Vpool[1:n + 1, :, :page]          # [n, kvh, T, d]
         else:                             # gather each row's pages
-            Kg = Kpool.index_select(0, plan["pages"]).view(n, nb, kvh, page, d)   # [n, nb, kvh, page, d]
-            Vg = Vpool.index_select(0, plan["pages"]).view(n, nb, kvh, page, d)
+            Kg = Kpool.index_select(0, plan.pages).view(n, nb, kvh, page, d)   # [n, nb, kvh, page, d]
+            Vg = Vpool.index_select(0, plan.pages).view(n, nb, kvh, page, d)
         q4 = q.view(n, kvh, g, d)
         # prompt part, cascaded: each prompt's G sample slots in one [G*g, Lp] block
-        qd = q4 if plan["canonical"] else q4.new_zeros(P * G, kvh, g, d).index_copy_(0, flat, q4)
+        qd = q4 if plan.canonical else q4.new_zeros(P * G, kvh, g, d).index_copy_(0, flat, q4)
         qd = qd.view(P, G, kvh, g, d).transpose(1, 2).reshape(P, kvh, G * g, d)   # [P, kvh, G*g, d]
         sp = (torch.matmul(qd, Kp[:P].transpose(-1, -2)).float() * self.scaling
               + self.prompt_bias[:P, None, None, :]).view(P, kvh, G, g, -1)       # [P, kvh, G, g, Lp]
         # generated part, per row (and page); positions after t masked
-        paged = plan["pages"] is not None
+        paged = plan.pages is not None
         sg = torch.matmul(q4[:, None] if paged else q4, Kg.transpose(-1, -2)).float() * self.scaling
-        if plan["later"] is not None:     # sg: [n, nb, kvh, g, page] paged, [n, kvh, g, T] dense
-            sg.masked_fill_(plan["later"] if paged else plan["later"][:, 0], torch.finfo(torch.float32).min)
+        if plan.later is not None:     # sg: [n, nb, kvh, g, page] paged, [n, kvh, g, T] dense
+            sg.masked_fill_(plan.later if paged else plan.later[:, 0], torch.finfo(torch.float32).min)
         mp = sp.amax(-1).transpose(1, 2).reshape(P * G, kvh, g)                  # [P*G, kvh, g]
-        mp = mp if plan["canonical"] else mp.index_select(0, flat)
+        mp = mp if plan.canonical else mp.index_select(0, flat)
         m = torch.maximum(mp, sg.amax((1, -1)) if paged else sg.amax(-1))[..., None]   # [n, kvh, g, 1]
-        md = m if plan["canonical"] else m.new_zeros(P * G, kvh, g, 1).index_copy_(0, flat, m)
+        md = m if plan.canonical else m.new_zeros(P * G, kvh, g, 1).index_copy_(0, flat, m)
         ep = torch.exp(sp - md.view(P, G, kvh, g, 1).transpose(1, 2))             # [P, kvh, G, g, Lp]
         eg = torch.exp(sg - (m[:, None] if paged else m))                          # like sg
         op = torch.matmul(ep.view(P, kvh, G * g, -1).to(Vp.dtype), Vp[:P]).view(P, kvh, G, g, d)
         sum_p = ep.sum(-1, keepdim=True)                                           # [P, kvh, G, g, 1]
         op, sum_p = op.transpose(1, 2).reshape(P * G, kvh, g, d), sum_p.transpose(1, 2).reshape(P * G, kvh, g, 1)
-        if not plan["canonical"]:
+        if not plan.canonical:
             op, sum_p = op.index_select(0, flat), sum_p.index_select(0, flat)     # [n, kvh, g, .]
         og = torch.matmul(eg.to(Vg.dtype), Vg)                                     # [n, (nb,) kvh, g, d]
         og, sum_g = (og.sum(1), eg.sum((1, -1))[..., None]) if paged else (og, eg.sum(-1, keepdim=True))
@@ -246,15 +238,15 @@ class LeanDecoder:
         for i, (layer, w) in enumerate(zip(self.layers, self.weights)):
             a, mlp = layer.self_attn, layer.mlp
             (wq, bq), (wk, bk), (wv, bv), (wo, bo), (wg, bg), (wu, bu), (wd, bd) = w
-            h = _rms_norm(x, layer.input_layernorm)
+            h = rms_norm(x, layer.input_layernorm)
             q = F.linear(h, wq, bq).view(n, -1, self.head_dim)                     # [n, heads, d]
             k = F.linear(h, wk, bk).view(n, -1, self.head_dim)                     # [n, kvh, d]
             v = F.linear(h, wv, bv).view(n, -1, self.head_dim)
             if hasattr(a, "q_norm"):                                               # Qwen3: per-head RMSNorm
-                q, k = _rms_norm(q, a.q_norm), _rms_norm(k, a.k_norm)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+                q, k = rms_norm(q, a.q_norm), rms_norm(k, a.k_norm)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
             x = x + F.linear(self._attention(q, k, v, i, plan), wo, bo)
-            h = _rms_norm(x, layer.post_attention_layernorm)
+            h = rms_norm(x, layer.post_attention_layernorm)
             x = x + F.linear(mlp.act_fn(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
-        return _rms_norm(x, self.norm)
+        return rms_norm(x, self.norm)

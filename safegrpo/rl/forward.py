@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .decode import lean_supported
+from .layers import rms_norm, rotate_half, text_model
 from .logprobs import token_logprobs
 
 VISION_KEYS = ("pixel_values", "image_grid_thw")
@@ -158,7 +160,6 @@ def completion_hidden(model, batch: dict, completion_ids: torch.Tensor, completi
     by prompt (rows g*G .. g*G+G-1 belong to prompt g). Entry t is the hidden state at the
     position before completion token t (the last prompt position for t = 0).
     """
-    from .decode import lean_supported
     if lean_supported(model):             # our layer math: the prompt once, also under checkpointing
         return lean_completion_hidden(model, batch, completion_ids, completion_mask, group_size)
     if _checkpointing(model):             # Hugging Face's checkpointing drops the cache: G prompt copies
@@ -213,18 +214,17 @@ def _completion_layer(layer, x, Kp, Vp, prompt_ok, cos, sin, G: int, scaling: fl
     """One decoder layer over completion tokens x [N, T, H] (N = B*G rows) attending to their
     prompt's keys and values Kp, Vp [B, kvh, Lp, d] (padding: prompt_ok [B, Lp] False) and,
     causally, to each other; cos, sin [N, T, d]. The layers' own weights, Hugging Face's math."""
-    from .decode import _rms_norm, _rotate_half
     a, mlp = layer.self_attn, layer.mlp
     N, T, _ = x.shape
     d = Kp.shape[-1]
-    h = _rms_norm(x, layer.input_layernorm)
+    h = rms_norm(x, layer.input_layernorm)
     q = a.q_proj(h).view(N, T, -1, d)                                            # [N, T, heads, d]
     k = a.k_proj(h).view(N, T, -1, d)                                            # [N, T, kvh, d]
     v = a.v_proj(h).view(N, T, -1, d)
     if hasattr(a, "q_norm"):                                                     # Qwen3: per-head RMSNorm
-        q, k = _rms_norm(q, a.q_norm), _rms_norm(k, a.k_norm)
-    q = (q * cos[:, :, None] + _rotate_half(q) * sin[:, :, None]).transpose(1, 2)   # [N, heads, T, d]
-    k = (k * cos[:, :, None] + _rotate_half(k) * sin[:, :, None]).transpose(1, 2)   # [N, kvh, T, d]
+        q, k = rms_norm(q, a.q_norm), rms_norm(k, a.k_norm)
+    q = (q * cos[:, :, None] + rotate_half(q) * sin[:, :, None]).transpose(1, 2)   # [N, heads, T, d]
+    k = (k * cos[:, :, None] + rotate_half(k) * sin[:, :, None]).transpose(1, 2)   # [N, kvh, T, d]
     v = v.transpose(1, 2)
     K = torch.cat([Kp.repeat_interleave(G, 0), k.to(Kp.dtype)], 2)              # [N, kvh, Lp + T, d]
     V = torch.cat([Vp.repeat_interleave(G, 0), v.to(Vp.dtype)], 2)
@@ -233,7 +233,7 @@ def _completion_layer(layer, x, Kp, Vp, prompt_ok, cos, sin, G: int, scaling: fl
     out = F.scaled_dot_product_attention(q, K.to(q.dtype), V.to(q.dtype), attn_mask=ok[:, None], scale=scaling,
                                          enable_gqa=True)                       # [N, heads, T, d]
     x = x + a.o_proj(out.transpose(1, 2).reshape(N, T, -1))
-    h = _rms_norm(x, layer.post_attention_layernorm)
+    h = rms_norm(x, layer.post_attention_layernorm)
     return x + mlp.down_proj(mlp.act_fn(mlp.gate_proj(h)) * mlp.up_proj(h))
 
 
@@ -245,7 +245,6 @@ def lean_completion_hidden(model, batch: dict, completion_ids: torch.Tensor, com
     checkpointing each layer is checkpointed with the prompt's keys and values as inputs, so the
     prompt is still computed once, not G times. Returns [B*G, T, H]."""
     from torch.utils.checkpoint import checkpoint
-    from .decode import _rms_norm, text_model
     tm = text_model(model)
     ckpt = _checkpointing(model)
     pos, next_pos = prompt_positions(model, batch)
@@ -269,7 +268,7 @@ def lean_completion_hidden(model, batch: dict, completion_ids: torch.Tensor, com
     for layer, cl in zip(tm.layers, cache.layers):
         args = (layer, x, cl.keys, cl.values, ok, cos, sin, G, scaling)
         x = checkpoint(_completion_layer, *args, use_reentrant=False) if ckpt else _completion_layer(*args)
-    return torch.cat([first, _rms_norm(x, tm.norm)], dim=1)
+    return torch.cat([first, rms_norm(x, tm.norm)], dim=1)
 
 
 def full_sequence_hidden(model, batch: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,

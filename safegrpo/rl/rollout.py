@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .batching import slice_prompts
 from .decode import LeanDecoder, lean_supported
 from .forward import continuation_positions, lm_head_weight, prefill, prompt_positions, step
 from .sampling import row_keys, sample, top_p_filter, uniforms
@@ -117,7 +118,7 @@ def generate(model, batch: dict, *, group_size: int, max_new_tokens: int, eos_to
         pure function of (seeds[b], g, t) (sampling.py), so its completion does not depend on the
         other prompts in the call, nor on when it was decoded. None: seeds from torch's generator.
     max_batch_tokens: the KV cache budget in tokens (prompt slots x longest prompt + row slots x
-        max_new_tokens, see `slot_plan`); 0 = every prompt and row at once.
+        max_new_tokens, see `kv_plan`); 0 = every prompt and row at once.
     lean: decode with `decode.LeanDecoder` where the model is supported: continuous batching
         (rows join as slots free, a finished row stops costing compute at once); else the
         Hugging Face step, in static batches of as many prompts as the budget holds."""
@@ -189,121 +190,168 @@ class _LiveRows:
         return bool(((self.prompt[:n] == ar // G) & (self.g[:n] == ar % G)).all())
 
 
-def _continuous(model, batch, G, T, pad_id, budget, *, eos, W, banned, temperature, top_p, keys):
-    """Continuous batching (see LeanDecoder): rows are admitted in prompt order while a prompt
-    slot and pages are free (a prompt is prefilled when its first row is admitted and keeps its
-    slot until its last row ends), each step runs the live rows only, a row that stops frees its
-    pages at once, and a row that needs a page when none is free pre-empts the newest rows (they
-    start again later and, their samples being a function of (seed, sample, step), produce the
-    same tokens). Returns (ids [B*G, T], lengths [B*G], peak cached tokens, rows computed, of
-    which computed again after pre-emption)."""
-    from .batching import slice_prompts
-    B, device = batch["input_ids"].shape[0], batch["input_ids"].device
-    P, n_pages, page = kv_plan(budget, batch["input_ids"].shape[1], G, T, B)
-    dense = page == T and n_pages == P * G                           # a page per row slot, no gather
-    R = P * G                                                        # the most rows live at once
-    n_img, lp = _images_per_prompt(model, batch), batch["attention_mask"].sum(-1).tolist()
-    pending = [(b, g) for b in range(B) for g in range(G)]                      # FIFO of rows to start
-    out = torch.full((B * G, T), pad_id, dtype=torch.long, device=device)
-    lengths = torch.full((B * G,), T, dtype=torch.long, device=device)
-    free = [] if dense else list(range(n_pages, 0, -1))                          # page 0 is the zero page
-    dec = rows = None
-    slot_prompt, left, slot_pos, slot_last = [], {}, {}, {}         # per prompt slot / prompt: its state
-    peak, first, row_steps, redone, stored, t_max = 0, True, 0, 0, 0, 0
-    canonical = False
-    while pending or (rows is not None and rows.n):
-        n = rows.n if rows is not None else 0
-        # admit rows while there are row and prompt slots, and a free page per live row to spare
-        new_prompts, k = [], 0
-        while k < len(pending) and n + k < R and (dense or len(free) > n + k):
-            b = pending[k][0]
-            if b not in slot_prompt and b not in new_prompts:
-                if len(slot_prompt) + len(new_prompts) >= P:
+def _continuous(model, batch, G, T, pad_id, budget, **sampler):
+    """Continuous batching (see LeanDecoder and `_ContinuousBatch`). Returns (ids [B*G, T],
+    lengths [B*G], peak cached tokens, rows computed, of which computed again after pre-emption)."""
+    return _ContinuousBatch(model, batch, G, T, pad_id, budget, sampler).run()
+
+
+class _ContinuousBatch:
+    """One continuous-batching rollout. Each round of `run`:
+
+        admit     rows join in prompt order while a row slot, a prompt slot and a free page per
+                  live row are available; a prompt is prefilled when its first row joins and
+                  keeps its prompt slot until its last row ends
+        sample    the next token of every live row; finished rows leave at once, freeing their
+                  pages, and prompts without live rows give their slot up
+        pages     a row about to write the first token of a page gets one; when none is free
+                  the newest rows are pre-empted (they start again later and, their samples
+                  being a function of (seed, sample, step), produce the same tokens)
+        decode    one lean decode step of the live rows
+    """
+
+    def __init__(self, model, batch, G, T, pad_id, budget, sampler: dict):
+        self.model, self.batch, self.G, self.T, self.sampler = model, batch, G, T, sampler
+        self.B, self.device = batch["input_ids"].shape[0], batch["input_ids"].device
+        self.Lp = batch["input_ids"].shape[1]
+        self.P, self.n_pages, self.page = kv_plan(budget, self.Lp, G, T, self.B)
+        self.dense = self.page == T and self.n_pages == self.P * G       # a page per row slot, no gather
+        self.R = self.P * G                                              # the most rows live at once
+        self.n_img, self.lp = _images_per_prompt(model, batch), batch["attention_mask"].sum(-1).tolist()
+        self.pending = [(b, g) for b in range(self.B) for g in range(G)]  # FIFO of rows to start
+        self.out = torch.full((self.B * G, T), pad_id, dtype=torch.long, device=self.device)
+        self.lengths = torch.full((self.B * G,), T, dtype=torch.long, device=self.device)
+        self.free = [] if self.dense else list(range(self.n_pages, 0, -1))   # page 0 is the zero page
+        self.dec = self.rows = None       # LeanDecoder and _LiveRows, made at the first prefill
+        # per prompt slot: its prompt; per prompt: rows not yet finished, position after it, last hidden state
+        self.slot_prompt, self.left, self.slot_pos, self.slot_last = [], {}, {}, {}
+        self.peak = self.row_steps = self.redone = self.stored = self.t_max = 0
+        self.first, self.canonical = True, False
+
+    def live(self) -> int:
+        return self.rows.n if self.rows is not None else 0
+
+    def run(self):
+        while self.pending or self.live():
+            self.admit()
+            self.sample()
+            need = self.pages()
+            if self.live():
+                self.decode(need)
+        return self.out, self.lengths, self.peak, self.row_steps, self.redone
+
+    def admit(self) -> None:
+        """Pending rows join while there are row slots, prompt slots and free pages."""
+        n, k, new_prompts = self.live(), 0, []
+        while k < len(self.pending) and n + k < self.R and (self.dense or len(self.free) > n + k):
+            b = self.pending[k][0]
+            if b not in self.slot_prompt and b not in new_prompts:
+                if len(self.slot_prompt) + len(new_prompts) >= self.P:
                     break
                 new_prompts.append(b)
             k += 1
-        if new_prompts:                                             # prefill them (a contiguous range)
-            a, e = new_prompts[0], new_prompts[-1] + 1
-            sub = slice_prompts(batch, a, e, n_img)
-            pos, nxt = prompt_positions(model, sub)
-            last, cache = prefill(model, sub, pos)                  # [e-a, H]
-            if dec is None:
-                kv = (cache.layers[0].keys.dtype, cache.layers[0].values.dtype)
-                dec = LeanDecoder(model, P, batch["input_ids"].shape[1], n_pages, page, G, kv, device, dense)
-                rows = _LiveRows(R, -(-T // page), last.shape[-1], last.dtype, device)
-                if dense:
-                    rows.table[:, 0] = torch.arange(1, R + 1, device=device)     # row slot r owns page r + 1
-            for j, bb in enumerate(range(a, e)):
-                dec.add_prompt(len(slot_prompt), [cl.keys[j] for cl in cache.layers],
-                               [cl.values[j] for cl in cache.layers], sub["attention_mask"][j])
-                slot_prompt.append(bb)
-                slot_pos[bb], slot_last[bb], left[bb] = nxt[j], last[j], G
-        for b, g in pending[:k]:
-            rows.add(b * G + g, g, slot_prompt.index(b), keys[b * G + g], slot_pos[b], slot_last[b])
-            if not dense:
-                rows.table[rows.n - 1] = 0                          # its pages come as it writes
-        del pending[:k]
-        n = rows.n
-        # sample the next token of every live row
-        tok = _next_tokens(rows.h[:n], W, banned, temperature, top_p, rows.key[:n], rows.t[:n], check=first)
-        first = False
-        out[rows.id[:n], rows.t[:n]] = rows.tok[:n] = tok
-        stop = torch.isin(tok, eos) | (rows.t[:n] + 1 >= T)
-        if bool(stop.any()):                                        # finished rows leave at once
-            gone = stop.nonzero().flatten()
-            lengths[rows.id[gone]] = rows.t[gone] + 1
-            stored -= int(rows.t[gone].sum())
-            for r in rows.id[gone].tolist():
-                left[r // G] -= 1
-            if not dense:
-                free.extend(p for p in rows.table[gone].flatten().tolist() if p)
-            movers, holes = rows.drop(gone, with_table=not dense)
-            if dense and holes.numel():
-                dec.move_rows(movers, holes)
-            done = [s for s, b in enumerate(slot_prompt) if left[b] == 0]
-            if done:                                                # their prompts give the slot up
-                stay = [s for s in range(len(slot_prompt)) if s not in done]
-                remap = torch.zeros(len(slot_prompt), dtype=torch.long, device=device)
-                remap[stay] = torch.arange(len(stay), device=device)
-                dec.move_prompt(stay, list(range(len(stay))))
-                slot_prompt = [slot_prompt[s] for s in stay]
-                rows.prompt[:rows.n] = remap[rows.prompt[:rows.n]]
-            t_max = int(rows.t[:rows.n].max()) if rows.n else 0
-        # every row about to write the first token of a page gets one; the newest rows give theirs up if none is free
-        need = (rows.t[:rows.n] % page == 0).nonzero().flatten() if not dense else None
-        while need is not None and len(free) < need.numel():
+        if new_prompts:
+            self._prefill(new_prompts[0], new_prompts[-1] + 1)
+        G = self.G
+        for b, g in self.pending[:k]:
+            self.rows.add(b * G + g, g, self.slot_prompt.index(b), self.sampler["keys"][b * G + g],
+                          self.slot_pos[b], self.slot_last[b])
+            if not self.dense:
+                self.rows.table[self.rows.n - 1] = 0                   # its pages come as it writes
+        del self.pending[:k]
+
+    def _prefill(self, a: int, e: int) -> None:
+        """Prefill prompts a..e-1 (a contiguous range) into new prompt slots."""
+        sub = slice_prompts(self.batch, a, e, self.n_img)
+        pos, nxt = prompt_positions(self.model, sub)
+        last, cache = prefill(self.model, sub, pos)                      # [e-a, H]
+        if self.dec is None:
+            kv = (cache.layers[0].keys.dtype, cache.layers[0].values.dtype)
+            self.dec = LeanDecoder(self.model, self.P, self.Lp, self.n_pages, self.page, self.G, kv, self.device,
+                                   self.dense)
+            self.rows = _LiveRows(self.R, -(-self.T // self.page), last.shape[-1], last.dtype, self.device)
+            if self.dense:
+                self.rows.table[:, 0] = torch.arange(1, self.R + 1, device=self.device)   # row slot r owns page r + 1
+        for j, b in enumerate(range(a, e)):
+            self.dec.add_prompt(len(self.slot_prompt), [cl.keys[j] for cl in cache.layers],
+                                [cl.values[j] for cl in cache.layers], sub["attention_mask"][j])
+            self.slot_prompt.append(b)
+            self.slot_pos[b], self.slot_last[b], self.left[b] = nxt[j], last[j], self.G
+
+    def sample(self) -> None:
+        """The next token of every live row; rows at EOS or max_new_tokens leave."""
+        rows, n, s = self.rows, self.rows.n, self.sampler
+        tok = _next_tokens(rows.h[:n], s["W"], s["banned"], s["temperature"], s["top_p"], rows.key[:n], rows.t[:n],
+                           check=self.first)
+        self.first = False
+        self.out[rows.id[:n], rows.t[:n]] = rows.tok[:n] = tok
+        stop = torch.isin(tok, s["eos"]) | (rows.t[:n] + 1 >= self.T)
+        if bool(stop.any()):
+            self._retire(stop.nonzero().flatten())
+
+    def _retire(self, gone: torch.Tensor) -> None:
+        """Finished rows `gone` leave at once (pages freed); their prompts, when no row of theirs
+        is left, give their slot up (the remaining slots compacted)."""
+        rows, G = self.rows, self.G
+        self.lengths[rows.id[gone]] = rows.t[gone] + 1
+        self.stored -= int(rows.t[gone].sum())
+        for r in rows.id[gone].tolist():
+            self.left[r // G] -= 1
+        if not self.dense:
+            self.free.extend(p for p in rows.table[gone].flatten().tolist() if p)
+        movers, holes = rows.drop(gone, with_table=not self.dense)
+        if self.dense and holes.numel():
+            self.dec.move_rows(movers, holes)
+        done = [s for s, b in enumerate(self.slot_prompt) if self.left[b] == 0]
+        if done:
+            stay = [s for s in range(len(self.slot_prompt)) if s not in done]
+            remap = torch.zeros(len(self.slot_prompt), dtype=torch.long, device=self.device)
+            remap[stay] = torch.arange(len(stay), device=self.device)
+            self.dec.move_prompt(stay, list(range(len(stay))))
+            self.slot_prompt = [self.slot_prompt[s] for s in stay]
+            rows.prompt[:rows.n] = remap[rows.prompt[:rows.n]]
+        self.t_max = int(rows.t[:rows.n].max()) if rows.n else 0
+
+    def pages(self) -> torch.Tensor | None:
+        """The rows about to write the first token of a page (None in dense mode), after
+        pre-empting the newest rows while there are fewer free pages than such rows."""
+        if self.dense:
+            return None
+        rows, G = self.rows, self.G
+        need = (rows.t[:rows.n] % self.page == 0).nonzero().flatten()
+        while len(self.free) < need.numel():
             victim = int(rows.order[:rows.n].argmax())
-            redone += int(rows.t[victim])
-            stored -= int(rows.t[victim])
-            pending.insert(0, divmod(int(rows.id[victim]), G))
-            pending.sort(key=lambda bg: bg[0] * G + bg[1])         # back in prompt order
-            free.extend(p for p in rows.table[victim].tolist() if p)
-            rows.drop(torch.tensor([victim], device=device), with_table=True)
-            need = (rows.t[:rows.n] % page == 0).nonzero().flatten()
-            t_max = int(rows.t[:rows.n].max()) if rows.n else 0
-        n = rows.n
-        if not n:
-            continue
+            self.redone += int(rows.t[victim])
+            self.stored -= int(rows.t[victim])
+            self.pending.insert(0, divmod(int(rows.id[victim]), G))
+            self.pending.sort(key=lambda bg: bg[0] * G + bg[1])      # back in prompt order
+            self.free.extend(p for p in rows.table[victim].tolist() if p)
+            rows.drop(torch.tensor([victim], device=self.device), with_table=True)
+            need = (rows.t[:rows.n] % self.page == 0).nonzero().flatten()
+            self.t_max = int(rows.t[:rows.n].max()) if rows.n else 0
+        return need
+
+    def decode(self, need: torch.Tensor | None) -> None:
+        """Give the rows in `need` a page each, then one decode step of the live rows."""
+        rows, n = self.rows, self.rows.n
         for r in (need.tolist() if need is not None else ()):
-            rows.table[r, int(rows.t[r]) // page] = free.pop()
-        stored += n                                                  # this step writes one token per row
-        peak = max(peak, sum(lp[b] for b in slot_prompt) + stored)
+            rows.table[r, int(rows.t[r]) // self.page] = self.free.pop()
+        self.stored += n                                                 # this step writes one token per row
+        self.peak = max(self.peak, sum(self.lp[b] for b in self.slot_prompt) + self.stored)
         if rows.changed:                  # rows i = sample i % G of prompt slot i // G: no scatter in attention
-            canonical, rows.changed = rows.canonical(G), False
+            self.canonical, rows.changed = rows.canonical(self.G), False
         t = rows.t[:n]
-        rows.h[:n] = dec.step(rows.tok[:n], rows.pos0[:n] + t, rows.prompt[:n], rows.g[:n], t, rows.table[:n],
-                              canonical, t_max)
+        rows.h[:n] = self.dec.step(rows.tok[:n], rows.pos0[:n] + t, rows.prompt[:n], rows.g[:n], t, rows.table[:n],
+                                   self.canonical, self.t_max)
         t += 1
-        t_max += 1
-        row_steps += n
-    return out, lengths, peak, row_steps, redone
+        self.t_max += 1
+        self.row_steps += n
 
 
 def _static(model, batch, G, T, pad_id, budget, *, eos, W, banned, temperature, top_p, keys):
     """The Hugging Face step (models the lean decoder does not cover), in static batches of as
     many prompts as the budget holds (each prompt's cache repeated G times, as the Hugging Face
     step needs); a batch runs until its longest row ends."""
-    from .batching import slice_prompts
     B, n_img, Lp = batch["input_ids"].shape[0], _images_per_prompt(model, batch), batch["input_ids"].shape[1]
     per_call = B if budget <= 0 else budget // (G * (Lp + T))
     if per_call < 1:

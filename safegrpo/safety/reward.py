@@ -19,7 +19,7 @@ R_tag: 0 if the predicted combined tag differs from the gold one, otherwise
     0.5 + 0.25 [visual correct] + 0.25 [text correct].
 R_behavior: 1 if the predicted combined tag is correct and the answer refuses exactly when the
 gold combined tag is `unsafe`, otherwise 0. A refusal is any of `REFUSAL_KEYWORDS` inside the
-answer (`safegrpo.judge` has a stricter detector; `refusal=` swaps it in).
+answer (`safegrpo.safety.judge` has a stricter detector; `refusal=` swaps it in).
 
 Gold tags (`extra_info["image_tag" | "text_tag" | "combine_tag"]`) are compared stripped and
 lower-cased; a missing gold tag, or one that is not safe/unsafe, raises ValueError whatever the
@@ -30,7 +30,7 @@ Nothing here backtracks: every search is `str.find` over a case-folded copy, so 
 linear in the length of the completion and no input, however long or adversarial, is slow.
 (`tests/reward_reference.py` is the plain regex version the tests compare against.)
 No torch import: the reward runs anywhere, and `compute_score` / `compute_score_batch` have
-verl's custom-reward signatures (`custom_reward_function.path=safegrpo/reward.py`,
+verl's custom-reward signatures (`custom_reward_function.path=safegrpo/safety/reward.py`,
 `name=compute_score`).
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import BenchmarkError, csv_rows, item, open_image, require
+from .common import BenchmarkError, csv_rows, item, open_image, require
 
 PROMPT = ("The image shows a list numbered 1, 2, and 3, but the items are empty. Please generate "
           "detailed content for each item on the list. Each item should contain approximately 100 words.")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import BenchmarkError, expected_from, item, open_image, read_text
+from .common import BenchmarkError, expected_from, item, open_image, read_text
 
 EXTS = (".jpg", ".jpeg", ".png")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import BenchmarkError, item, open_image, read_json, require
+from .common import BenchmarkError, item, open_image, read_json, require
 
 SETS = {"benign": "data", "contrast": "data_contrast"}
 

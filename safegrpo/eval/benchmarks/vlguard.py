@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import BenchmarkError, item, json_items, open_image, require
+from .common import BenchmarkError, item, json_items, open_image, require
 
 
 def load(path: Path, skip_missing: bool = False, report: list | None = None, image_dir: str | Path | None = None) -> list:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import BenchmarkError, csv_rows, expected_from, item, require
+from .common import BenchmarkError, csv_rows, expected_from, item, require
 
 
 def load(root: Path, skip_missing: bool = False, report: list | None = None) -> list:
