@@ -96,7 +96,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    args.judge = args.judge or cfg.grpo.refusal_judge
+    args.judge = args.judge or cfg.reward.refusal_judge
     try:                                  # a bad judge is known now, not after the first benchmark's generation
         load_judge(args.judge)
     except ValueError as e:

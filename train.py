@@ -15,15 +15,18 @@ import time
 
 from safegrpo import distributed as dist
 from safegrpo.checkpoint import CheckpointError, RunDirError
-from safegrpo.config import load_config
+from safegrpo.config import Config, load_config
 from safegrpo.eval.metrics import comparison_table
 from safegrpo.files import NotOursError, write_atomic
+from safegrpo.options import describe
 from safegrpo.eval.plots import plot_rewards
 from safegrpo.trainer import NonFiniteError, NothingToLearnError, Trainer
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="options (config keys; set in the YAML file or with --set key=value):\n\n"
+                                        + describe(Config))
     ap.add_argument("--config")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--resume", action="store_true", help="continue from the last intact checkpoint in train.out_dir")

@@ -4,7 +4,7 @@ machine's matmul roofline.
     python bench/bench_phases.py [--steps 4] [--warmup 1]
 
 Runs configs/tiny.yaml's GRPO step (16 prompts x 8 samples, 96 new tokens) as the paper has it
-(beta 0.01, no format anchor: grpo.ptx_coef 0) on a randomly initialised tiny model and reports, per phase (rollout, reference log-probs, update),
+(beta 0.01, no format anchor: anchor.coef 0) on a randomly initialised tiny model and reports, per phase (rollout, reference log-probs, update),
 seconds and tokens per second (medians). Roofline: the update's model FLOPs, 6 x parameters x
 tokens it runs through (prompt tokens once per prompt, completion tokens once per sample; the
 vision tower is frozen and counted as forward only), divided by its time, against the best
@@ -55,8 +55,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         synth, model_dir = tiny_dirs(tmp)
-        cfg = {**base, "model": {"path": str(model_dir)}, "sft": {"enabled": False},
-               "grpo": {**base["grpo"], "beta": 0.01, "ptx_coef": 0.0},    # the paper's GRPO step alone
+        cfg = {**base, "model": {"path": str(model_dir), "freeze_vision_tower": base["model"]["freeze_vision_tower"]},
+               "sft": {"enabled": False},
+               "grpo": {**base["grpo"], "beta": 0.01}, "anchor": {"coef": 0.0},    # the paper's GRPO step alone
                "data": {**base["data"], "train": str(synth / "train.parquet"), "test": str(synth / "test.parquet")},
                "train": {**base["train"], "out_dir": str(tmp / "run"), "steps": args.warmup + args.steps,
                          "save_every": 0, "eval_limit": 0}}

@@ -30,7 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import distributed as dist
-from .config import Config, config_from_dict, differences
+from .config import Config, config_from_dict
+from .options import differences
 from .files import atomic_path
 from .lora import ADAPTER_WEIGHTS, adapter_state, save_adapter
 

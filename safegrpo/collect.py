@@ -8,7 +8,7 @@
                                             the rollout (G rows per prompt), reward parts, rewards
 
 The reward (ALGO LOGIC) is the SafeGRPO rule, safety/reward.reward_breakdown, with the weights
-grpo.tag_weight / grpo.behavior_weight, or a plug-in (grpo.reward, rl/reward_fn.py) that replaces
+reward.tag_weight / reward.behavior_weight, or a plug-in (reward.plugin, rl/reward_fn.py) that replaces
 its total. Each prompt samples from its own seed (from the step and its position in the step's
 draw), so where and when it is decoded does not matter.
 """
@@ -44,7 +44,7 @@ class Groups:
     rewards: torch.Tensor     # [N = n * G]
     G: int
     errors: int = 0           # plug-in reward calls that raised (scored 0)
-    timeouts: int = 0         # plug-in reward calls stopped at grpo.reward_timeout_s (scored 0)
+    timeouts: int = 0         # plug-in reward calls stopped at reward.timeout_s (scored 0)
 
     @property
     def n(self) -> int:
@@ -92,15 +92,15 @@ class Groups:
 
 
 class Reward:
-    """The reward of step 3 (ALGO LOGIC): the SafeGRPO rule with the weights grpo.tag_weight /
-    grpo.behavior_weight, or a plug-in (grpo.reward) that replaces its total. Built at start-up,
+    """The reward of step 3 (ALGO LOGIC): the SafeGRPO rule with the weights reward.tag_weight /
+    reward.behavior_weight, or a plug-in (reward.plugin) that replaces its total. Built at start-up,
     so that a plug-in that does not import is named before the warm start."""
 
     def __init__(self, cfg: Config):
-        g = cfg.grpo
-        self.weights = (g.tag_weight, g.behavior_weight)
-        self.refusal = refusal_rule(g.refusal_judge)
-        self.plugin = PluginReward(g.reward, g.reward_timeout_s, g.reward_workers) if g.reward else None
+        r = cfg.reward
+        self.weights = (r.tag_weight, r.behavior_weight)
+        self.refusal = refusal_rule(r.refusal_judge)
+        self.plugin = PluginReward(r.plugin, r.timeout_s, r.workers) if r.plugin else None
 
     def __call__(self, texts: list[str], recs: list, labels: list[str]) -> tuple[list[dict], int, int]:
         """(reward breakdown per completion, plug-in errors, plug-in timeouts); texts: G

@@ -63,10 +63,10 @@ def step_metrics(step: int, ranks: list[RankResult], stats: dict, times: tuple, 
     for i in range(0, n, G):
         flat.setdefault(group(gold[i]), []).append(float(rewards[i:i + G].std() == 0))
     m.update({f"zero_std/{k}": sum(v) / len(v) for k, v in sorted(flat.items())})
-    if cfg.grpo.reward:
+    if cfg.reward.plugin:
         m.update({"reward/errors": sum(r.errors for r in ranks), "reward/timeouts": sum(r.timeouts for r in ranks)})
     m.update({"kl": stats["kl"], "clip_frac": stats["clipped"], "entropy": stats["entropy"], "loss": stats["loss"],
-              "grad_norm": stats["grad_norm"], **({"ptx": stats["ptx"]} if cfg.grpo.ptx_coef > 0 else {}),
+              "grad_norm": stats["grad_norm"], **({"ptx": stats["ptx"]} if cfg.anchor.coef > 0 else {}),
               "lr": lr, "response_len/mean": lengths.mean().item(), "response_len/max": lengths.max().item(),
               "frac_truncated": (lengths >= cfg.rollout.max_new_tokens).float().mean().item(),
               "frac_zero_std_groups": (rewards.view(-1, G).std(-1) == 0).float().mean().item(),

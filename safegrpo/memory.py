@@ -186,7 +186,7 @@ def print_memory_plan(cfg: Config, path, device) -> MemoryPlan | None:
     dir_, gguf = resolve_model_path(path)
     try:
         model_config = AutoConfig.from_pretrained(dir_, gguf_file=gguf, trust_remote_code=cfg.model.trust_remote_code)
-        size = model_size(model_config, cfg.grpo.freeze_vision_tower)
+        size = model_size(model_config, cfg.model.freeze_vision_tower)
     except Exception as e:           # an architecture the meta-device count cannot build: no plan
         if dist.is_main():
             print(f"[memory] no plan ({type(e).__name__}: {e})")

@@ -94,10 +94,10 @@ class Policy:
             if c.rollout.top_p < 1:
                 print(f"[rollout] warning: rollout.top_p={c.rollout.top_p} < 1 samples from the nucleus, but the "
                       "log-probs of the update use the full softmax, so the update is off-policy")
-        if c.grpo.freeze_vision_tower and not self.lora:
+        if c.model.freeze_vision_tower and not self.lora:
             visual = getattr(getattr(self.model, "model", None), "visual", None)
             if visual is None:
-                raise ValueError("grpo.freeze_vision_tower is set but the model has no vision tower (model.visual)")
+                raise ValueError("model.freeze_vision_tower is set but the model has no vision tower (model.visual)")
             visual.requires_grad_(False)
         self.has_ref = c.grpo.beta > 0
         self.ref = None

@@ -103,7 +103,7 @@ class Trainer:
         print_memory_plan(c, init_path, self.device)
         self.init_path = init_path
         self.policy = Policy(c, init_path, self.device, resume_from=ckpt)
-        anchor = FormatAnchor(self.train_records, self.processor, c, self.device) if c.grpo.ptx_coef > 0 else None
+        anchor = FormatAnchor(self.train_records, self.processor, c, self.device) if c.anchor.coef > 0 else None
         self.updater = Updater(c, self.policy, anchor)
         self.sampler = make_sampler(self.train_records, c.data, c.train.seed)
         self.collector = Collector(c, self.policy, self.processor, self.train_records, self.sampler, self.reward)
@@ -156,23 +156,25 @@ class Trainer:
         last = self.resume_from
         trackers = Loggers(c, self.out, self.start_step, self.resume) if dist.is_main() else None
         empty = 0                                  # DAPO: steps in a row that kept no group anywhere
-        for step in bar:
-            m = self.train_step(step)
-            if c.train.eval_every and (step + 1) % c.train.eval_every == 0:
-                m.update(self.validate())
-            if dist.is_main():
-                self.metrics_file.append(m)
-                trackers.log(m)
-            bar.set_postfix(reward=f"{m['reward/mean']:.3f}", comb=f"{m['tag_acc/combined']:.2f}",
-                            kl=f"{m['kl']:.4f}", refresh=False)
-            if c.grpo.filter_zero_std:
-                empty = empty + 1 if m["dapo/kept"] == 0 else 0
-                self._check_not_empty(step, empty)
-            if (c.train.save_every and (step + 1) % c.train.save_every == 0) or step + 1 == c.train.steps:
-                last = self.save(step + 1)
-        if trackers is not None:
-            trackers.close()
-        self.reward.close()
+        try:
+            for step in bar:
+                m = self.train_step(step)
+                if c.train.eval_every and (step + 1) % c.train.eval_every == 0:
+                    m.update(self.validate())
+                if dist.is_main():
+                    self.metrics_file.append(m)
+                    trackers.log(m)
+                bar.set_postfix(reward=f"{m['reward/mean']:.3f}", comb=f"{m['tag_acc/combined']:.2f}",
+                                kl=f"{m['kl']:.4f}", refresh=False)
+                if c.grpo.filter_zero_std:
+                    empty = empty + 1 if m["dapo/kept"] == 0 else 0
+                    self._check_not_empty(step, empty)
+                if (c.train.save_every and (step + 1) % c.train.save_every == 0) or step + 1 == c.train.steps:
+                    last = self.save(step + 1)
+        finally:                                   # also when a step raises: trackers flushed, plug-in workers stopped
+            if trackers is not None:
+                trackers.close()
+            self.reward.close()
         return last
 
     def _check_not_empty(self, step: int, empty: int) -> None:
@@ -184,7 +186,7 @@ class Trainer:
         if g.max_empty_steps and empty >= g.max_empty_steps:
             raise NothingToLearnError(
                 f"grpo.filter_zero_std kept no group for {empty} steps in a row (up to step {step + 1}): the "
-                "reward gives every completion of a prompt the same value. Check the reward (grpo.reward), "
+                "reward gives every completion of a prompt the same value. Check the reward (reward.plugin), "
                 "or raise grpo.oversample / rollout.temperature")
 
     def _eval_records(self) -> list:
@@ -200,7 +202,7 @@ class Trainer:
             return {}
         with self.policy.amp(), dist.gathered(self.policy.fwd):
             m, _ = evaluate(self.policy.model, self.processor, recs, c.data.prompt_style, c.rollout.max_new_tokens,
-                            judge=c.grpo.refusal_judge, split_ranks=True, max_prompt_length=c.data.max_prompt_length)
+                            judge=c.reward.refusal_judge, split_ranks=True, max_prompt_length=c.data.max_prompt_length)
         return validation_line(m) if m is not None else {}
 
     def evaluate(self, name: str, model) -> dict | None:
@@ -217,7 +219,7 @@ class Trainer:
         t0 = time.time()
         model = load(c, model, self.device) if isinstance(model, (str, Path)) else model
         metrics, completions = evaluate(model, self.processor, recs, c.data.prompt_style, c.rollout.max_new_tokens,
-                                        judge=c.grpo.refusal_judge, desc=f"eval {name}")
+                                        judge=c.reward.refusal_judge, desc=f"eval {name}")
         metrics["seconds"] = round(time.time() - t0, 1)
         write_atomic(self.out / f"eval_{name}_samples.jsonl", "".join(
             json.dumps({"prompt": r.prompt, "tags": r.tags, "meta": {k: v for k, v in r.meta.items() if k != "demo"},

@@ -2,7 +2,7 @@
 
     warm_start(...)          sft.caption_steps of caption pretraining, then sft.steps of
                              demonstration SFT (cross-entropy on the completion tokens)
-    FormatAnchor.backward    grpo.ptx_coef x the cross-entropy of fresh demonstrations with the
+    FormatAnchor.backward    anchor.coef x the cross-entropy of fresh demonstrations with the
                              three tag values masked out (eq. 10), once per optimizer update
 
 1. Caption pretraining: image + "What does the image show?" -> "The image shows a X, a KIND."
@@ -63,7 +63,7 @@ def demonstration_records(records: list[SafeTagRecord], tags: str = "random", sh
         return r.meta["demo"]
     demos = [r for r in records if r.meta.get("demo")]
     if not demos:
-        raise ValueError("the training records carry no 'demo' column, which sft and grpo.ptx_coef need "
+        raise ValueError("the training records carry no 'demo' column, which sft and anchor.coef need "
                          "(SafeTag-Synth emits them; other data needs its own demonstrations)")
     return [SafeTagRecord(r.prompt, r.images, r.image_tag, r.text_tag, r.combine_tag, {"target": fresh(r)})
             for r in demos]
@@ -147,7 +147,7 @@ def warm_start(model, processor, train_records, cfg: Config, device, out_dir) ->
 
 
 class FormatAnchor:
-    """grpo.ptx_coef > 0: the cross-entropy of grpo.ptx_batch fresh demonstrations under the
+    """anchor.coef > 0: the cross-entropy of anchor.batch fresh demonstrations under the
     policy, on every token but the tag values (eq. 10). Their tags are always random (whatever
     sft.tags is): the answer follows the written combined tag, so an even coin keeps the anchor
     from teaching any refuse-or-help choice."""
@@ -160,7 +160,7 @@ class FormatAnchor:
     def loss(self, policy_fwd, step: int, update: int, rank: int = 0, world: int = 1) -> torch.Tensor:
         c = self.cfg
         rng = random.Random(prompt_seed(c.train.seed, step, 1_000_003 + update * world + rank))
-        recs = rng.sample(self.records, min(c.grpo.ptx_batch, len(self.records)))
+        recs = rng.sample(self.records, min(c.anchor.batch, len(self.records)))
         texts = _targets(recs, rng)
         batch = {k: v.to(self.device) for k, v in
                  encode_prompts(self.processor, recs, c.data.prompt_style, c.data.max_prompt_length).items()}
@@ -171,8 +171,8 @@ class FormatAnchor:
         return -masked_mean(logp, mask)
 
     def backward(self, policy_fwd, step: int, update: int, rank: int = 0, world: int = 1) -> float:
-        """Backward of ptx_coef x the anchor loss; returns the loss."""
+        """Backward of anchor.coef x the anchor loss; returns the loss."""
         loss = self.loss(policy_fwd, step, update, rank, world)
         check_finite(loss.detach(), "ptx loss", step)
-        (self.cfg.grpo.ptx_coef * loss).backward()
+        (self.cfg.anchor.coef * loss).backward()
         return loss.item()

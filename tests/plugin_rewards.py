@@ -1,4 +1,4 @@
-"""Reward plug-ins for the tests (grpo.reward: plugin_rewards:NAME), in verl's signature."""
+"""Reward plug-ins for the tests (reward.plugin: plugin_rewards:NAME), in verl's signature."""
 import time
 
 

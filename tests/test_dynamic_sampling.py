@@ -9,7 +9,7 @@ from safegrpo.trainer import Trainer
 from test_distributed import run as run_dist, weights
 from test_trainer import rows, tiny_cfg
 
-PLUGIN = {"grpo.reward": "plugin_rewards:half_constant", "grpo.beta": 0.1, "grpo.entropy_coef": 0.01,
+PLUGIN = {"reward.plugin": "plugin_rewards:half_constant", "grpo.beta": 0.1, "grpo.entropy_coef": 0.01,
           "train.prompts_per_step": 8, "train.mini_batch_prompts": 4, "train.micro_batch_prompts": 2,
           "train.steps": 1, "optim.lr": 1e-2, "data.test": ""}
 

@@ -146,7 +146,7 @@ def test_dapo_that_keeps_nothing_says_so_and_stops(tmp_path, tiny_model_dir, syn
     safe = [r for r in load_parquet(synth_dir / "train.parquet", limit=200) if r.combine_tag == "safe"][:8]
     write_parquet(safe, tmp_path / "safe.parquet")          # half_constant scores these 0: no spread
     cfg = tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{
-        "data.train": str(tmp_path / "safe.parquet"), "data.test": "", "grpo.reward": "plugin_rewards:half_constant",
+        "data.train": str(tmp_path / "safe.parquet"), "data.test": "", "reward.plugin": "plugin_rewards:half_constant",
         "grpo.filter_zero_std": True, "grpo.max_empty_steps": 2, "train.steps": 5})
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(cfg)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "tests")})

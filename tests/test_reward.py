@@ -181,7 +181,7 @@ def test_fast_path_equals_regex_reference(text, gold):
 
 
 def test_reward_weights_are_the_papers_ablation():
-    """grpo.tag_weight / grpo.behavior_weight: 0.5 / 0.5 is eq. (1); one of them 0 leaves the other
+    """reward.tag_weight / reward.behavior_weight: 0.5 / 0.5 is eq. (1); one of them 0 leaves the other
     term alone (the paper's ablation rows); the format gate multiplies either."""
     right_tag_wrong_answer = ("<think><visual_safe>unsafe</visual_safe> <text_safe>safe</text_safe> "
                               "<combined_safe>unsafe</combined_safe></think><answer>Sure, here it is.</answer>")
@@ -193,5 +193,5 @@ def test_reward_weights_are_the_papers_ablation():
     assert reward_breakdown(ungated, SSU, weights=(1.0, 0.0))["total"] == 0.0
     from safegrpo.config import load_config
     import pytest
-    with pytest.raises(ValueError, match="grpo.tag_weight and grpo.behavior_weight are both 0"):
-        load_config(None, ["grpo.tag_weight=0", "grpo.behavior_weight=0"])
+    with pytest.raises(ValueError, match="reward.tag_weight and reward.behavior_weight are both 0"):
+        load_config(None, ["reward.tag_weight=0", "reward.behavior_weight=0"])

@@ -1,5 +1,5 @@
-"""grpo.reward plug-ins (verl's custom-reward signature): single and batch form, a call that
-raises scores 0 and is counted with its row, a call past grpo.reward_timeout_s is stopped."""
+"""reward.plugin plug-ins (verl's custom-reward signature): single and batch form, a call that
+raises scores 0 and is counted with its row, a call past reward.timeout_s is stopped."""
 import time
 from pathlib import Path
 
@@ -33,7 +33,7 @@ def test_a_call_that_raises_scores_zero_and_names_its_row():
 def test_a_call_past_the_timeout_is_stopped_and_scores_zero():
     r = PluginReward("plugin_rewards:sleeps_when_long", timeout_s=3.0)
     t0 = time.time()
-    with pytest.warns(UserWarning, match="ran past grpo.reward_timeout_s"):
+    with pytest.warns(UserWarning, match="ran past reward.timeout_s"):
         out = r(TEXTS, INFOS)
     assert time.time() - t0 < 40                   # two hung calls stopped, not waited for (60 s each)
     assert out.scores == [0.0, 1.0, 0.0, 1.0] and out.timeouts == [0, 2]
@@ -49,7 +49,7 @@ def test_bad_specs_fail_at_start_up():
 
 def test_plugin_errors_are_counted_in_the_metrics(tmp_path, tiny_model_dir, synth_dir):
     cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{
-        "train.steps": 2, "grpo.reward": "plugin_rewards:raises_on_odd", "data.test": ""}))
+        "train.steps": 2, "reward.plugin": "plugin_rewards:raises_on_odd", "data.test": ""}))
     with pytest.warns(UserWarning, match=r"failed.*step 1, .*train.parquet: row \d+, sample \d"):
         Trainer(cfg).fit()
     for r in rows(tmp_path / "run"):

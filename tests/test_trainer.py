@@ -65,7 +65,7 @@ def run_train(cfg_path, *extra):
 def test_kill_and_resume_gives_the_same_metrics(tmp_path, tiny_model_dir, synth_dir, ptx):
     a = tmp_path / "a"
     a.mkdir()
-    over = {"train.steps": 5, "grpo.ptx_coef": ptx, "grpo.ptx_batch": 4}
+    over = {"train.steps": 5, "anchor.coef": ptx, "anchor.batch": 4}
     done = run_train(tiny_cfg(a, tiny_model_dir, synth_dir, **over))
     assert done.returncode == 0, done.stderr[-3000:]
     reference = rows(a / "run")
@@ -222,18 +222,18 @@ def test_ptx_leaves_out_exactly_the_tag_values(tmp_path, tiny_model_dir, synth_d
 
 def test_ptx_holds_the_words_nothing_rewards(tmp_path, tiny_model_dir, synth_dir):
     """From a brief warm start, a force nothing in the reward opposes (here an entropy bonus) drives
-    the policy away from the demonstrations' wording; with grpo.ptx_coef their cross-entropy (tag
+    the policy away from the demonstrations' wording; with anchor.coef their cross-entropy (tag
     values left out) stays at the warm start's."""
     base = {"rollout.group_size": 4, "rollout.max_new_tokens": 16, "optim.lr": 3e-3, "grpo.beta": 0.0,
             "grpo.entropy_coef": 0.1, "train.steps": 12, "train.prompts_per_step": 4, "train.mini_batch_prompts": 4,
-            "train.micro_batch_prompts": 4, "train.save_every": 100, "data.test": "", "grpo.ptx_batch": 8}
+            "train.micro_batch_prompts": 4, "train.save_every": 100, "data.test": "", "anchor.batch": 8}
     cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **base))
     warm_start(cfg, tiny_model_dir, tmp_path / "sft", steps=60)
     ce = {}
     for coef in (None, 0.0, 1.0):                    # None: the warm start itself
         (tmp_path / str(coef)).mkdir()
         t = Trainer(load_config(tiny_cfg(tmp_path / str(coef), tiny_model_dir, synth_dir, **base,
-                                         **{"grpo.ptx_coef": coef or 0.0})))
+                                         **{"anchor.coef": coef or 0.0})))
         if coef is None:
             t.setup(tmp_path / "sft")
         else:

@@ -121,9 +121,9 @@ class ContrastSampler:
             if k:
                 twins.setdefault((k, r.combine_tag), []).append(i)
         # a row's twins: its set's rows of the other tag (a set with one tag has none)
-        self.twin_of = {i: (k, "unsafe" if r.combine_tag == "safe" else "safe")
-                        for i, (k, r) in enumerate(zip(keys, records))
-                        if k and (k, "unsafe" if r.combine_tag == "safe" else "safe") in twins}
+        other = {"safe": "unsafe", "unsafe": "safe"}
+        self.twin_of = {i: (k, other[r.combine_tag]) for i, (k, r) in enumerate(zip(keys, records))
+                        if k and (k, other[r.combine_tag]) in twins}
         if not self.twin_of:
             raise ValueError(f"data.contrast_column {column!r}: no row has a twin (rows with the same value "
                              "and the other combined tag)")

@@ -334,7 +334,7 @@ def demonstration_tags(record: SafeTagRecord, rng: random.Random, tags: str = "r
     if tags == "partial":
         return v, t, record.combine_tag if rng.random() < share else naive
     if tags == "per_modality_coin":
-        return v, t, "unsafe" if "unsafe" in (v, t) else rng.choice(["safe", "unsafe"])
+        return v, t, naive if naive == "unsafe" else rng.choice(["safe", "unsafe"])
     if tags == "gold":
         return v, t, record.combine_tag
     raise ValueError(f"unknown demonstration tags {tags!r}; use one of {DEMO_TAGS}")

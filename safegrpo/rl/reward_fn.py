@@ -1,5 +1,5 @@
 """Reward functions for the trainer: the SafeGRPO rule by default, or a plug-in with verl's
-custom-reward signature (`grpo.reward: package.module:function`).
+custom-reward signature (`reward.plugin: package.module:function`).
 
     compute_score(data_source, solution_str, ground_truth, extra_info) -> float (or {"score": ...})
     compute_score(data_sources, solution_strs, ground_truths, extra_infos) -> list     (batch form)
@@ -9,7 +9,7 @@ completion, data_source "safetag", the completion's text, ground_truth = extra_i
 record's gold tags plus its meta columns (copies: a plug-in that changes them in place changes
 nothing here). A call that raises, or calls sys.exit, scores 0 for its completion (for the batch
 form: for the whole batch) and is counted and reported with the row. With
-grpo.reward_timeout_s > 0 the plug-in runs in grpo.reward_workers worker processes, started
+reward.timeout_s > 0 the plug-in runs in reward.workers worker processes, started
 and with the plug-in imported before any call is timed; the calls of a step run on them at
 once, and the step waits at most timeout x ceil(calls / workers) in all: calls not finished
 then are stopped (the workers are replaced) and score 0, counted as timeouts. A worker that
@@ -36,13 +36,13 @@ class Scores:
 def _load(spec: str):
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise ValueError(f"grpo.reward {spec!r}: expected package.module:function")
+        raise ValueError(f"reward.plugin {spec!r}: expected package.module:function")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"grpo.reward {spec!r}: {e}") from e
+        raise ValueError(f"reward.plugin {spec!r}: {e}") from e
     if not callable(fn):
-        raise ValueError(f"grpo.reward {spec!r} is not callable")
+        raise ValueError(f"reward.plugin {spec!r} is not callable")
     return fn
 
 
@@ -165,11 +165,11 @@ class PluginReward:
                     out.scores[i] = g
         if out.errors:
             row, why = out.errors[0]
-            warnings.warn(f"grpo.reward {self.spec}: {len(out.errors)} call(s) failed, scored 0 "
+            warnings.warn(f"reward.plugin {self.spec}: {len(out.errors)} call(s) failed, scored 0 "
                           f"(first: {name(row)}: {why})", stacklevel=2)
         if out.timeouts:
-            warnings.warn(f"grpo.reward {self.spec}: {len(out.timeouts)} call(s) ran past "
-                          f"grpo.reward_timeout_s={self.timeout}, scored 0 (first: {name(out.timeouts[0])})",
+            warnings.warn(f"reward.plugin {self.spec}: {len(out.timeouts)} call(s) ran past "
+                          f"reward.timeout_s={self.timeout}, scored 0 (first: {name(out.timeouts[0])})",
                           stacklevel=2)
         return out
 

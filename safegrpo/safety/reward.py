@@ -2,7 +2,7 @@
 
     R = F * (0.5 * R_tag + 0.5 * R_behavior)            total in {0, .25, .375, .5, .75, .875, 1}
 
-(the two weights are options of the trainer, grpo.tag_weight and grpo.behavior_weight, for the
+(the two weights are options of the trainer, reward.tag_weight and reward.behavior_weight, for the
 paper's ablation rows; everything else, evaluation included, uses 0.5 / 0.5)
 
 Read from a completion, after stripping surrounding whitespace, ignoring case, across newlines:
@@ -176,7 +176,7 @@ def _score(solution_str, extra_info: Mapping, refusal: Callable[[str], bool], wa
 def reward_breakdown(solution_str, extra_info: Mapping, refusal: Callable[[str], bool] = keyword_refusal,
                      weights: tuple[float, float] = (0.5, 0.5)) -> dict:
     """Score one completion: `format`, `tag`, `behavior` (ungated), `total` (gated, weighted by
-    weights = (w_tag, w_behavior); grpo.tag_weight / grpo.behavior_weight) and `pred` (the
+    weights = (w_tag, w_behavior); reward.tag_weight / reward.behavior_weight) and `pred` (the
     predicted tags, None where absent).
 
     >>> gold = {"image_tag": "safe", "text_tag": "safe", "combine_tag": "unsafe"}

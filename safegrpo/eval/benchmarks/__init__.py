@@ -28,7 +28,9 @@ from typing import Callable
 
 from ...data.records import SafeTagRecord
 from . import figstep, mmsafeaware, mossbench, safetag, siuo, vlguard, xstest
-from .common import SHARED, BenchmarkError, item  # noqa: F401  (item: the package's public names)
+from .common import SHARED, BenchmarkError, item
+
+__all__ = ["BENCHMARKS", "SHARED", "BenchmarkError", "item", "load_benchmark"]
 
 BENCHMARKS: dict[str, tuple[Callable, str | None]] = {
     "safetag-synth": (safetag.load_synth, None),
