@@ -240,7 +240,7 @@ def test_ptx_holds_the_words_nothing_rewards(tmp_path, tiny_model_dir, synth_dir
             t.fit(init_path=tmp_path / "sft")
         anchor = FormatAnchor(t.train_records, t.processor, t.cfg, t.device)
         with torch.no_grad():
-            ce[coef] = sum(anchor.loss(t.policy_fwd, 1000 + k, 0).item() for k in range(4)) / 4
+            ce[coef] = sum(anchor.loss(t.policy.fwd, 1000 + k, 0).item() for k in range(4)) / 4
     assert ce[0.0] > 1.3 * ce[None], ce              # the drift is real
     assert ce[1.0] < 1.05 * ce[None], ce             # and the anchor holds the wording
 
