@@ -370,10 +370,10 @@ def test_one_temperature_for_rollout_old_reference_policy_and_entropy(tmp_path, 
     import copy
     import safegrpo.rl.forward as forward_mod
     import safegrpo.rl.grpo as grpo_mod
-    import safegrpo.trainer as trainer_mod
+    import safegrpo.collect as collect_mod
     from safegrpo.rl.forward import completion_hidden
     seen, captured = [], {}
-    real_logprobs, real_generate, real_loss = forward_mod.token_logprobs, trainer_mod.generate, grpo_mod.policy_loss
+    real_logprobs, real_generate, real_loss = forward_mod.token_logprobs, collect_mod.generate, grpo_mod.policy_loss
 
     def spy_logprobs(h, w, ids, temperature=1.0, **kw):
         seen.append(temperature)
@@ -388,7 +388,7 @@ def test_one_temperature_for_rollout_old_reference_policy_and_entropy(tmp_path, 
         return real_loss(logp, old, *a, **kw)
 
     monkeypatch.setattr(forward_mod, "token_logprobs", spy_logprobs)
-    monkeypatch.setattr(trainer_mod, "generate", spy_generate)
+    monkeypatch.setattr(collect_mod, "generate", spy_generate)
     monkeypatch.setattr(grpo_mod, "policy_loss", spy_loss)
     for updates in (2, 1):
         (tmp_path / str(updates)).mkdir()
