@@ -67,6 +67,7 @@ bench: $(STAMP) $(BENCH_STAMP)
 	$(PY) bench/bench_rollout_skewed.py
 	$(PY) bench/bench_logprobs.py
 	$(PY) bench/bench_phases.py
+	$(PY) bench/bench_old_logprobs.py
 	$(PY) bench/lora_memory.py
 	$(PY) bench/judge_crossmodel.py
 	$(BENCH_VENV)/bin/python bench/bench_grpo_vs_trl.py

@@ -66,7 +66,8 @@ class Groups:
         rows = [i * self.G + g for i in keep for g in range(self.G)]
         batch = encode([self.recs[i] for i in keep], keep) if keep else {}
         T = int(self.ro.lengths[rows].max()) if rows else 1
-        ro = Rollout(self.ro.completion_ids[rows, :T], self.ro.lengths[rows], self.G)
+        ro = Rollout(self.ro.completion_ids[rows, :T], self.ro.lengths[rows], self.G,
+                     logprobs=self.ro.logprobs[rows, :T])
         return Groups([self.recs[i] for i in keep], [self.positions[i] for i in keep], batch, ro,
                       [self.parts[r] for r in rows], [self.gold[r] for r in rows], self.rewards[rows], self.G)
 
@@ -74,10 +75,11 @@ class Groups:
         """These groups followed by other's (prompts encoded anew together)."""
         recs = self.recs + other.recs
         T = max(self.ro.completion_ids.shape[1], other.ro.completion_ids.shape[1])
-        pad = lambda x: torch.nn.functional.pad(x, (0, T - x.shape[1]), value=pad_id)     # noqa: E731
-        ro = Rollout(torch.cat([pad(self.ro.completion_ids), pad(other.ro.completion_ids)]),
+        pad = lambda x, v: torch.nn.functional.pad(x, (0, T - x.shape[1]), value=v)     # noqa: E731
+        ro = Rollout(torch.cat([pad(self.ro.completion_ids, pad_id), pad(other.ro.completion_ids, pad_id)]),
                      torch.cat([self.ro.lengths, other.ro.lengths]), self.G,
-                     max(self.ro.peak_cached_tokens, other.ro.peak_cached_tokens))
+                     max(self.ro.peak_cached_tokens, other.ro.peak_cached_tokens),
+                     logprobs=torch.cat([pad(self.ro.logprobs, 0.0), pad(other.ro.logprobs, 0.0)]))
         return Groups(recs, self.positions + other.positions, encode(recs, list(range(len(recs)))), ro,
                       self.parts + other.parts, self.gold + other.gold, torch.cat([self.rewards, other.rewards]), self.G,
                       self.errors + other.errors, self.timeouts + other.timeouts)

@@ -110,7 +110,8 @@ class RolloutConfig:
     """How completions are sampled (rl/rollout.py)."""
     group_size: int = opt(8, ge(2), "G: samples per prompt (advantages are relative within it)")
     temperature: float = opt(1.0, gt(0.0), "sampling temperature; log-probs are taken at the same one")
-    top_p: float = opt(1.0, within(0.0, 1.0, lo_open=True), "nucleus; < 1 makes the update off-policy")
+    top_p: float = opt(1.0, within(0.0, 1.0, lo_open=True), "nucleus; < 1 makes the update off-policy "
+                       "(mismatch/* keys measure by how much; grpo.rollout_correction corrects it)")
     max_new_tokens: int = opt(4096, ge(1), "completion length limit")
     max_batch_tokens: int = opt(0, ge(0), "KV-cache budget per rank, in tokens: resident prompts x the longest "
                                 "prompt + decoding rows x max_new_tokens (rl/rollout.kv_plan); rows join as others "
@@ -129,6 +130,21 @@ class RewardConfig:
                       "replaces the rule's total (rl/reward_fn.py); empty: the SafeGRPO rule")
     timeout_s: float = opt(0.0, ge(0.0), "> 0: a plug-in call running longer is stopped and scores 0")
     workers: int = opt(4, ge(1), "with timeout_s: worker processes the plug-in's calls run on at once")
+
+
+@dataclass
+class RolloutCorrectionConfig:
+    """Correction of the rollout/training mismatch (rl/correction.py, docs/METHOD.md eqs. 13-15;
+    names and defaults as verl's rollout correction). Off by default; needs old_logprobs: recompute."""
+    rollout_is: Literal["", "token", "sequence"] = opt("", None, "truncated importance sampling: each token's "
+                                                       "policy-gradient loss x min(pi_train / pi_rollout, "
+                                                       "rollout_is_threshold), per token or per sequence; empty: off")
+    rollout_is_threshold: float = opt(2.0, gt(0.0), "C, the cap of the importance weight")
+    rollout_rs: Literal["", "token", "sequence", "geometric"] = opt(
+        "", None, "rejection: weight 0 where the ratio (per token, per sequence, or the sequence's geometric mean) "
+        "leaves [rollout_rs_threshold_lower, rollout_rs_threshold]; empty: off")
+    rollout_rs_threshold: float = opt(2.0, gt(0.0), "upper bound of the kept ratios")
+    rollout_rs_threshold_lower: float = opt(0.5, gt(0.0), "lower bound of the kept ratios")
 
 
 @dataclass
@@ -158,6 +174,11 @@ class GRPOConfig:
                             "prompts_per_step in all) until prompts_per_step groups are informative")
     max_empty_steps: int = opt(10, ge(0), "with filter_zero_std: stop after this many steps in a row in which no "
                                "group anywhere had reward spread (nothing learned); 0: never")
+    old_logprobs: Literal["recompute", "rollout"] = opt("recompute", None, "pi_old when a rollout feeds more than "
+                                                        "one update: recomputed by a no-grad pass of the training "
+                                                        "forward, or the rollout engine's own log-probs (no extra "
+                                                        "pass; the clipped ratio then also corrects the mismatch)")
+    rollout_correction: RolloutCorrectionConfig = section(RolloutCorrectionConfig)
 
 
 @dataclass
@@ -280,6 +301,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ValueError("data.test is set but data.train is empty (SafeTag-Synth brings its own test split)")
     if t.micro_batch_tokens and t.micro_batch_tokens < 2:
         raise ValueError("train.micro_batch_tokens must be 0 (off) or a token budget")
+    rc = cfg.grpo.rollout_correction
+    if (rc.rollout_is or rc.rollout_rs) and cfg.grpo.old_logprobs != "recompute":
+        raise ValueError("grpo.rollout_correction needs grpo.old_logprobs: recompute (with rollout, pi_old is the "
+                         "engine's and the clipped ratio already corrects the mismatch)")
+    if rc.rollout_rs_threshold_lower >= rc.rollout_rs_threshold:
+        raise ValueError("grpo.rollout_correction.rollout_rs_threshold_lower must be below rollout_rs_threshold")
     if cfg.grpo.oversample and not cfg.grpo.filter_zero_std:
         raise ValueError("grpo.oversample draws more prompts to replace groups grpo.filter_zero_std drops: set both")
     if len(set(t.loggers)) != len(t.loggers):

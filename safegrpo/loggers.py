@@ -70,10 +70,24 @@ def step_metrics(step: int, ranks: list[RankResult], stats: dict, times: tuple, 
               "lr": lr, "response_len/mean": lengths.mean().item(), "response_len/max": lengths.max().item(),
               "frac_truncated": (lengths >= cfg.rollout.max_new_tokens).float().mean().item(),
               "frac_zero_std_groups": (rewards.view(-1, G).std(-1) == 0).float().mean().item(),
+              **mismatch_line(stats, cfg),
               "time/rollout": times[0], "time/ref": times[1], "time/update": times[2],
               "tokens_per_s": (float(lengths.sum()) + prompt_tokens) / t_all if t_all > 0 else 0.0,
               "tokens/completion": float(lengths.sum()), "tokens/prompt": prompt_tokens, "tokens/image": image_tokens})
     return m
+
+
+def mismatch_line(stats: dict, cfg: Config) -> dict:
+    """The rollout/training mismatch keys (rl/correction.py), over the tokens it was measured on."""
+    n = stats.get("mm_tokens", 0.0)
+    if not n:
+        return {}
+    out = {"mismatch/k3": stats["mm_k3"] / n, "mismatch/abs_mean": stats["mm_abs"] / n,
+           "mismatch/abs_max": stats["mm_abs_max"], "mismatch/ratio_out": stats["mm_out"] / n}
+    rc = cfg.grpo.rollout_correction
+    if rc.rollout_is or rc.rollout_rs:
+        out.update({"correction/weight_mean": stats["is_weight"] / n, "correction/rejected": stats["rejected"] / n})
+    return out
 
 
 class MetricsFile:

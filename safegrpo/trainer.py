@@ -131,11 +131,15 @@ class Trainer:
         adv = group_advantages(grp.rewards, G, c.grpo.adv_scale, c.grpo.adv_eps, batch_std).to(self.device) \
             if grp.n else grp.rewards.to(self.device)                                              # [N]
         # 5. log-probs without grad: reference, and the old policy when a rollout feeds > 1 update
+        #    (grpo.old_logprobs: rollout takes the rollout engine's instead)
         t0 = time.perf_counter()
         up, pol = self.updater, self.policy
         plan = up.plan(grp)                                  # per mini-batch: its passes (prompt ranges)
         ref_logp = up.logprobs(pol.ref_fwd, grp, plan, sampled, **pol.ref_kwargs()) if pol.has_ref else None
-        old_logp = up.logprobs(pol.fwd, grp, plan, sampled) if up.updates_per_step > 1 else None
+        if c.grpo.old_logprobs == "rollout":                 # the engine's log-probs are pi_old: no pass
+            old_logp = grp.ro.logprobs
+        else:
+            old_logp = up.logprobs(pol.fwd, grp, plan, sampled) if up.updates_per_step > 1 else None
         t_ref = time.perf_counter() - t0
         # 6. update
         t0 = time.perf_counter()

@@ -23,6 +23,7 @@ from .memory import prompt_copies
 from .optim import check_finite, make_optimizer
 from .policy import Policy
 from .rl.batching import passes_of, slice_prompts, split_to
+from .rl.correction import correction_weights, mismatch
 from .rl.grpo import grpo_loss
 
 Pass = tuple[int, int] | None            # prompts [a, b) of this rank's groups, or a zero-weight pass
@@ -99,12 +100,17 @@ class Updater:
 
     def update(self, step: int, grp: Groups, adv, old_logp, ref_logp, plan: list[list[Pass]], spare: Groups) -> dict:
         """One optimizer update per mini-batch, gradients accumulated over its passes. adv [N],
-        old_logp / ref_logp [N, T] or None. Returns the step's loss, KL, clip fraction, entropy,
-        grad norm and anchor loss, over all ranks."""
+        old_logp / ref_logp [N, T] or None (old_logp None: pi_old is the policy itself, one update
+        per step). Returns the step's loss, KL, clip fraction, entropy, grad norm, anchor loss and
+        rollout/training mismatch (rl/correction.py), over all ranks."""
         c, g, G, W = self.cfg, self.cfg.grpo, self.G, dist.world_size()
         ids, mask, batch = grp.ro.completion_ids, grp.ro.mask, grp.batch
+        rc = g.rollout_correction
+        recomputed = old_logp is not None and g.old_logprobs == "recompute"
         step_tokens = float(dist.all_reduce_sum(mask.sum()))        # completion tokens of the step, all ranks
-        sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "ptx": 0.0}
+        sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "ptx": 0.0,
+                "mm_tokens": 0.0, "mm_k3": 0.0, "mm_abs": 0.0, "mm_out": 0.0, "mm_abs_max": 0.0, "is_weight": 0.0,
+                "rejected": 0.0}
         seq = g.importance_level == "sequence"
         clip_low, clip_high = (g.seq_clip_low, g.seq_clip_high) if seq else (g.clip_low, g.clip_high)
         self.policy.model.train()
@@ -124,9 +130,21 @@ class Updater:
                 with self.policy.amp():
                     logp, ent = self.policy.fwd(slice_prompts(batch, *p, grp.images), ids[rows], mask[rows], G,
                                                 self.temperature, entropy=True, entropy_grad=g.entropy_coef > 0)
+                # pi_train at the rollout's parameters: the recomputed pi_old, or before the first update this one
+                train = old_logp[rows] if recomputed else logp.detach() if u == 0 else None
+                weights = None
+                if train is not None:        # the rollout/training mismatch, eq. (13), and its correction
+                    self._add_mismatch(sums, train, grp.ro.logprobs[rows], mask[rows])
+                    if rc.rollout_is or rc.rollout_rs:           # ALGO LOGIC: eqs. (14)-(15)
+                        weights = correction_weights(train, grp.ro.logprobs[rows], mask[rows], rc.rollout_is,
+                                                     rc.rollout_is_threshold, rc.rollout_rs,
+                                                     rc.rollout_rs_threshold_lower, rc.rollout_rs_threshold)
+                        sums["is_weight"] += float(weights.sum())
+                        sums["rejected"] += float(((weights == 0) & (mask[rows] > 0)).sum())
                 # ALGO LOGIC: the objective, eqs. (5)-(9), or GSPO's (12)
                 loss, m = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[rows], adv[rows],
                                     mask[rows], ref_logp=None if ref_logp is None else ref_logp[rows], entropy=ent,
+                                    weights=weights,
                                     clip_low=clip_low, clip_high=clip_high, dual_clip=g.dual_clip or None,
                                     beta=g.beta, kl_estimator=g.kl_estimator, entropy_coef=g.entropy_coef,
                                     loss_agg=g.loss_agg, norm_constant=g.norm_constant or c.rollout.max_new_tokens,
@@ -148,9 +166,17 @@ class Updater:
             self.sched.step()
         self.opt.zero_grad(set_to_none=True)  # no gradients held through the next rollout
         if dist.active():
-            keys = ("loss", "clipped", "kl", "entropy")
+            keys = ("loss", "clipped", "kl", "entropy", "mm_tokens", "mm_k3", "mm_abs", "mm_out", "is_weight", "rejected")
             sums.update(zip(keys, dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()))
+            sums["mm_abs_max"] = float(dist.all_reduce_max(torch.tensor(sums["mm_abs_max"], dtype=torch.float64)))
         return sums
+
+    @staticmethod
+    def _add_mismatch(sums: dict, train, rollout, mask) -> None:
+        m = mismatch(train, rollout, mask)
+        for k in ("tokens", "k3", "abs", "out"):
+            sums[f"mm_{k}"] += m[k]
+        sums["mm_abs_max"] = max(sums["mm_abs_max"], m["abs_max"])
 
     def _zero_weight_pass(self, spare: Groups) -> None:
         """A forward/backward whose loss is 0 x that of spare's first group: this rank joins the

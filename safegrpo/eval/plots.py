@@ -114,7 +114,7 @@ def plot_confusion(results: dict[str, dict], out_png) -> Path:
 def plot_rewards(metrics_path, out_png, window: int = 0) -> Path:
     """A run's curves against GRPO step: the rule reward and its parts, tag accuracy, policy
     statistics; the combined-tag accuracy and the share of prompts without reward spread per
-    SafeTag group; completion lengths. Per-step values (from the
+    SafeTag group; completion lengths; the rollout/training mismatch and its correction. Per-step values (from the
     step's rollouts) are drawn faint, their trailing mean (`window` steps; 0: about 1/20 of the
     run) solid, and validation points (train.eval_every: greedy, on the test split) as markers."""
     plt = _pyplot()
@@ -122,8 +122,8 @@ def plot_rewards(metrics_path, out_png, window: int = 0) -> Path:
     window = window or max(1, len(rows) // 20)
     val = [r for r in rows if "val/reward/mean" in r]
     vs = [r["step"] for r in val]
-    fig, axes = plt.subplots(2, 3, figsize=(19, 8.5))
-    (a_rew, a_tag, a_pol), (a_grp, a_flat, a_len) = axes
+    fig, axes = plt.subplots(2, 4, figsize=(25, 8.5))
+    (a_rew, a_tag, a_pol, a_mm), (a_grp, a_flat, a_len, a_ratio) = axes
 
     def curve(ax, key, label, colour, val_key=None, val_label=True):
         have = [r for r in rows if r.get(key) is not None]      # a group may be missing from a step's draw
@@ -157,6 +157,18 @@ def plot_rewards(metrics_path, out_png, window: int = 0) -> Path:
     curve(a_len, "response_len/mean", "mean", "C0")
     curve(a_len, "response_len/max", "max", "C1")
     _title(a_len, "Completion length (tokens)", 80)
+    curve(a_mm, "mismatch/k3", "k3: KL(rollout || train) estimate", "C0")
+    curve(a_mm, "mismatch/abs_mean", "mean |log ratio|", "C1")
+    curve(a_mm, "mismatch/abs_max", "max |log ratio|", "C2")
+    if any(r.get("mismatch/abs_max", 0) > 0 for r in rows):
+        a_mm.set_yscale("log")
+    _title(a_mm, "Rollout/training mismatch (log pi_train - log pi_rollout of sampled tokens)", 80)
+    curve(a_ratio, "mismatch/ratio_out", "tokens with ratio outside [0.5, 2]", "C0")
+    curve(a_ratio, "correction/rejected", "tokens rejected (rollout_rs)", "C1")
+    curve(a_ratio, "correction/weight_mean", "mean correction weight", "C2")
+    _title(a_ratio, "Rollout correction (grpo.rollout_correction)", 80)
+    _legend(a_mm, fontsize=7)
+    _legend(a_ratio, fontsize=7)
     curve(a_pol, "kl", "kl", "C0")
     curve(a_pol, "clip_frac", "clip_frac", "C1")
     curve(a_pol, "frac_zero_std_groups", "groups with zero reward spread", "C2")

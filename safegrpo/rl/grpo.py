@@ -154,13 +154,14 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
               clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float | None = 3.0,
               beta: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
               loss_agg: str = "token-mean", norm_constant: float | None = None, total=None,
-              importance_level: str = "token") -> tuple[torch.Tensor, dict]:
+              importance_level: str = "token", weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Eqs. (5)-(9): the GRPO loss of one (micro-)batch and what to log about it.
 
     logp [N, T] (with grad), old_logp, ref_logp [N, T] (no grad; ref_logp None: no KL term),
     advantages [N] or [N, T], mask [N, T], entropy [N, T] (with grad when entropy_coef > 0).
     importance_level "sequence": GSPO's sequence ratio, eq. (12), in place of (5)-(6), with
     clip_low / clip_high as its (much smaller) clip range and no dual clip.
+    weights [N, T] (no grad): rollout-correction weights on the policy-gradient term (rl/correction.py).
     Returns (loss, metrics); metrics are sums over this batch's completion tokens, so that
     micro-batches and ranks add up before dividing: {"tokens", "clipped", "kl", "entropy"}.
 
@@ -177,6 +178,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         clipped = clip_fraction(logp.detach(), old_logp, advantages, mask, clip_low, clip_high)
     else:
         raise ValueError(f"unknown importance_level {importance_level!r}; use token or sequence")
+    if weights is not None:                                                                   # (14)-(15)
+        per_tok = per_tok * weights
     metrics = {"tokens": mask.sum().item(), "clipped": clipped.item() * mask.sum().item()}
     if ref_logp is not None:                                                                  # (7)
         kl = kl_penalty(logp, ref_logp, kl_estimator)

@@ -12,8 +12,11 @@ with per-row counter-based uniforms: sampling.py), never samples image or video 
 and stops a row at its first EOS; the loop ends when every row has stopped or after
 max_new_tokens.
 
-Returns completion ids [B*G, T] (padded with pad_id after EOS) and lengths [B*G] (first EOS
-included). `completion_mask(lengths, T)` rebuilds the mask from lengths, never from token values.
+Returns completion ids [B*G, T] (padded with pad_id after EOS), lengths [B*G] (first EOS
+included) and each sampled token's log-probability [B*G, T] under the distribution it was drawn
+from (temperature, banned placeholders and the top-p nucleus applied; taken from the logits the
+sampler used, so no extra forward pass, and, like the tokens, independent of the batching, the KV
+budget and pre-emption). `completion_mask(lengths, T)` rebuilds the mask from lengths, never from token values.
 Temperature 0 means greedy decoding (it matches `model.generate(do_sample=False)` token for token).
 """
 from __future__ import annotations
@@ -36,6 +39,8 @@ class Rollout:
     peak_cached_tokens: int = 0   # the most prompt + generated tokens held in the KV cache at once
     row_steps: int = 0            # decode-step rows computed (continuous batching: sum(lengths - 1) + redone)
     redone_steps: int = 0         # of those, steps of pre-empted rows computed again
+    logprobs: torch.Tensor | None = None   # [B*G, T] fp32: log-prob of each sampled token under the
+                                           # distribution it was drawn from (0 after the end, and greedy)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -64,10 +69,12 @@ def banned_token_ids(model) -> list[int]:
 
 
 def _next_tokens(h: torch.Tensor, W: torch.Tensor, banned, temperature: float, top_p: float, keys, t,
-                 check: bool = False) -> torch.Tensor:
-    """One token per row of hidden states h [n, H]: fp32 logits, placeholders banned, then greedy
-    (temperature 0) or the exact sampler with row keys [n] at generated index t [n]. check: a
-    non-finite logit raises (a broken policy shows at its first step)."""
+                 check: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of hidden states h [n, H] and its log-probability [n] under the
+    distribution it was drawn from: fp32 logits, placeholders banned, divided by the temperature,
+    cut to the top-p nucleus (so the log-prob is the renormalised truncated distribution's), then
+    the exact sampler with row keys [n] at generated index t [n]. Greedy (temperature 0): the
+    argmax, log-prob 0. check: a non-finite logit raises (a broken policy shows at its first step)."""
     with torch.autocast(h.device.type, enabled=False):                          # sample from fp32 logits
         logits = h.float() @ W.T                                                 # [n, V]
     if check and not bool(torch.isfinite(logits).all()):
@@ -75,11 +82,14 @@ def _next_tokens(h: torch.Tensor, W: torch.Tensor, banned, temperature: float, t
     if banned:
         logits[:, banned] = float("-inf")
     if temperature == 0:
-        return logits.argmax(-1)
+        tok = logits.argmax(-1)
+        return tok, torch.zeros(tok.shape, dtype=torch.float32, device=tok.device)
     logits = logits / temperature
     if top_p < 1.0:
         logits = top_p_filter(logits, top_p)
-    return sample(torch.softmax(logits, -1), uniforms(keys, t))
+    tok = sample(torch.softmax(logits, -1), uniforms(keys, t))
+    logp = logits.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(logits, -1)   # [n]
+    return tok, logp
 
 
 PAGE = 16                     # tokens per page of generated keys and values
@@ -134,10 +144,10 @@ def generate(model, batch: dict, *, group_size: int, max_new_tokens: int, eos_to
                    banned=banned_ids if banned_ids is not None else banned_token_ids(model),
                    temperature=temperature, top_p=top_p, keys=row_keys(seeds, G, device))   # keys [B*G]
     run = _continuous if lean and lean_supported(model) else _static
-    out, lengths, peak, row_steps, redone = run(model, batch, G, max_new_tokens, pad_token_id, max_batch_tokens,
-                                                **sampler)
+    out, logp, lengths, peak, row_steps, redone = run(model, batch, G, max_new_tokens, pad_token_id,
+                                                      max_batch_tokens, **sampler)
     T = int(lengths.max())
-    return Rollout(out[:, :T].contiguous(), lengths, G, peak, row_steps, redone)
+    return Rollout(out[:, :T].contiguous(), lengths, G, peak, row_steps, redone, logp[:, :T].contiguous())
 
 
 def _images_per_prompt(model, batch) -> list[int]:
@@ -192,7 +202,8 @@ class _LiveRows:
 
 def _continuous(model, batch, G, T, pad_id, budget, **sampler):
     """Continuous batching (see LeanDecoder and `_ContinuousBatch`). Returns (ids [B*G, T],
-    lengths [B*G], peak cached tokens, rows computed, of which computed again after pre-emption)."""
+    log-probs [B*G, T], lengths [B*G], peak cached tokens, rows computed, of which computed again
+    after pre-emption)."""
     return _ContinuousBatch(model, batch, G, T, pad_id, budget, sampler).run()
 
 
@@ -220,6 +231,7 @@ class _ContinuousBatch:
         self.n_img, self.lp = _images_per_prompt(model, batch), batch["attention_mask"].sum(-1).tolist()
         self.pending = [(b, g) for b in range(self.B) for g in range(G)]  # FIFO of rows to start
         self.out = torch.full((self.B * G, T), pad_id, dtype=torch.long, device=self.device)
+        self.logp = torch.zeros(self.B * G, T, dtype=torch.float32, device=self.device)
         self.lengths = torch.full((self.B * G,), T, dtype=torch.long, device=self.device)
         self.free = [] if self.dense else list(range(self.n_pages, 0, -1))   # page 0 is the zero page
         self.dec = self.rows = None       # LeanDecoder and _LiveRows, made at the first prefill
@@ -238,7 +250,7 @@ class _ContinuousBatch:
             need = self.pages()
             if self.live():
                 self.decode(need)
-        return self.out, self.lengths, self.peak, self.row_steps, self.redone
+        return self.out, self.logp, self.lengths, self.peak, self.row_steps, self.redone
 
     def admit(self) -> None:
         """Pending rows join while there are row slots, prompt slots and free pages."""
@@ -281,10 +293,11 @@ class _ContinuousBatch:
     def sample(self) -> None:
         """The next token of every live row; rows at EOS or max_new_tokens leave."""
         rows, n, s = self.rows, self.rows.n, self.sampler
-        tok = _next_tokens(rows.h[:n], s["W"], s["banned"], s["temperature"], s["top_p"], rows.key[:n], rows.t[:n],
-                           check=self.first)
+        tok, logp = _next_tokens(rows.h[:n], s["W"], s["banned"], s["temperature"], s["top_p"], rows.key[:n],
+                                 rows.t[:n], check=self.first)
         self.first = False
         self.out[rows.id[:n], rows.t[:n]] = rows.tok[:n] = tok
+        self.logp[rows.id[:n], rows.t[:n]] = logp
         stop = torch.isin(tok, s["eos"]) | (rows.t[:n] + 1 >= self.T)
         if bool(stop.any()):
             self._retire(stop.nonzero().flatten())
@@ -357,7 +370,7 @@ def _static(model, batch, G, T, pad_id, budget, *, eos, W, banned, temperature, 
     if per_call < 1:
         raise ValueError(f"rollout.max_batch_tokens={budget} holds no prompt on the Hugging Face step "
                          f"(G x (prompt + max_new_tokens) = {G * (Lp + T)}); raise it, or 0 for no bound")
-    outs, lens, peak, row_steps = [], [], 0, 0
+    outs, logps, lens, peak, row_steps = [], [], [], 0, 0
     for a in range(0, B, per_call):
         e = min(a + per_call, B)
         sub = slice_prompts(batch, a, e, n_img) if (a, e) != (0, B) else batch
@@ -371,13 +384,15 @@ def _static(model, batch, G, T, pad_id, budget, *, eos, W, banned, temperature, 
         Lp = attn.shape[1]
         attn = torch.cat([attn, attn.new_ones(N, T)], dim=1)                     # [N, Lp + T], allocated once
         out = torch.full((N, T), pad_id, dtype=torch.long, device=h.device)
+        logps.append(torch.zeros(N, T, dtype=torch.float32, device=h.device))
         lengths = torch.full((N,), T, dtype=torch.long, device=h.device)
         done = torch.zeros(N, dtype=torch.bool, device=h.device)
         ks = keys[a * G:e * G]
         for t in range(T):
-            tok = _next_tokens(h, W, banned, temperature, top_p, ks, t, check=t == 0)
+            tok, logp = _next_tokens(h, W, banned, temperature, top_p, ks, t, check=t == 0)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             out[:, t] = tok
+            logps[-1][:, t] = logp.masked_fill(done, 0.0)
             hit = torch.isin(tok, eos) & ~done
             lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)
             done |= hit
@@ -389,4 +404,4 @@ def _static(model, batch, G, T, pad_id, budget, *, eos, W, banned, temperature, 
             row_steps += N
         outs.append(out)
         lens.append(lengths)
-    return torch.cat(outs), torch.cat(lens), peak, row_steps, 0
+    return torch.cat(outs), torch.cat(logps), torch.cat(lens), peak, row_steps, 0
