@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from results import record  # noqa: E402
 from tiny import rollout_inputs  # noqa: E402
-from safegrpo.rl.rollout import generate, kv_plan  # noqa: E402
+from safegrpo.rl.decode import kv_plan  # noqa: E402
+from safegrpo.rl.rollout import generate  # noqa: E402
 
 
 def hf_tokens(out: torch.Tensor, prompt_len: int, stops: list[int], pad: int) -> tuple[int, list[int]]:

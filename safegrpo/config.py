@@ -114,7 +114,7 @@ class RolloutConfig:
                        "(mismatch/* keys measure by how much; grpo.rollout_correction corrects it)")
     max_new_tokens: int = opt(4096, ge(1), "completion length limit")
     max_batch_tokens: int = opt(0, ge(0), "KV-cache budget per rank, in tokens: resident prompts x the longest "
-                                "prompt + decoding rows x max_new_tokens (rl/rollout.kv_plan); rows join as others "
+                                "prompt + decoding rows x max_new_tokens (rl/decode.kv_plan); rows join as others "
                                 "finish. 0: every prompt and row at once")
 
 

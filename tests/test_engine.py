@@ -6,7 +6,8 @@ import torch
 
 from safegrpo.data.records import load_parquet
 from safegrpo.model import load_model, load_processor
-from safegrpo.rl.rollout import PAGE, generate, kv_plan
+from safegrpo.rl.decode import PAGE, kv_plan
+from safegrpo.rl.rollout import generate
 from safegrpo.safety.prompting import encode_prompts
 
 G, T = 3, 24

@@ -11,7 +11,8 @@ from safegrpo.data.records import load_parquet
 from safegrpo.model import load_model, load_processor
 from safegrpo.rl.correction import correction_weights, mismatch
 from safegrpo.rl.forward import completion_hidden, completion_logprobs, lm_head_weight
-from safegrpo.rl.rollout import PAGE, _next_tokens, banned_token_ids, generate
+from safegrpo.rl.decode import PAGE
+from safegrpo.rl.rollout import _next_tokens, banned_token_ids, generate
 from safegrpo.rl.sampling import row_keys, top_p_filter
 from safegrpo.safety.prompting import encode_prompts
 from safegrpo.trainer import Trainer

@@ -21,7 +21,7 @@ from .. import distributed as dist
 from ..config import Config
 from ..model import max_pixels
 from ..model_files import resolve_model_path
-from ..rl.rollout import kv_plan
+from ..rl.decode import kv_plan
 from ..safety.prompting import prompt_lengths
 from . import synth
 from .records import load_safetag

@@ -23,6 +23,9 @@ goes through the Hugging Face forward once (`forward.prefill`), and its cache is
 prompt, not repeated G times: the G samples of a prompt attend to it together (cascade
 attention, below). The left padding of the prompts is masked.
 
+`kv_plan` lays a KV budget (rollout.max_batch_tokens) out as the decoder's prompt slots and
+pages of generated keys and values.
+
 Supported: the text stacks of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen2, Qwen3 and Llama (SmolLM2)
 with full attention and a static RoPE; anything else (sliding-window layers, dynamic RoPE,
 another architecture, sharded parameters) falls back to the Hugging Face step. Tests check its
@@ -73,6 +76,32 @@ def decode_path(model) -> str:
     why = lean_unsupported(model)
     return "lean decoder (cascade attention over each prompt's cache)" if why is None else \
         f"Hugging Face step (the lean decoder does not apply: {why})"
+
+
+PAGE = 16                     # tokens per page of generated keys and values
+
+
+def kv_plan(budget: int, prompt_len: int, group_size: int, max_new_tokens: int, n_prompts: int,
+            page: int = PAGE) -> tuple[int, int, int]:
+    """(prompt slots, pages, tokens per page) for a KV budget of `budget` cached tokens.
+
+    When the budget holds every prompt and every row at full length (or is 0: no bound), each
+    row slot gets one page of max_new_tokens (dense). Otherwise prompt slots (prompt_len tokens
+    each) take at most a quarter of the budget and the rest is pages of `page` tokens, a row
+    taking pages as it grows; one row at full length must fit. Raises when the budget is smaller
+    than one prompt and one full row."""
+    rows = n_prompts * group_size
+    if budget <= 0 or n_prompts * prompt_len + rows * max_new_tokens <= budget:
+        return n_prompts, rows, max_new_tokens
+    per_row = -(-max_new_tokens // page)
+    prompts = max(1, min(n_prompts, budget // (4 * prompt_len)))
+    while prompts > 1 and (budget - prompts * prompt_len) // page < per_row:
+        prompts -= 1
+    pages = (budget - prompts * prompt_len) // page
+    if pages < per_row:
+        raise ValueError(f"rollout.max_batch_tokens={budget} holds no prompt of {prompt_len} tokens with one row of "
+                         f"{max_new_tokens} (needs {prompt_len + per_row * page}); raise it, or 0 for no bound")
+    return prompts, pages, page
 
 
 @dataclass

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .batching import slice_prompts
-from .decode import LeanDecoder, lean_supported
+from .decode import LeanDecoder, kv_plan, lean_supported
 from .forward import continuation_positions, lm_head_weight, prefill, prompt_positions, step
 from .sampling import row_keys, sample, top_p_filter, uniforms
 
@@ -92,32 +92,6 @@ def _next_tokens(h: torch.Tensor, W: torch.Tensor, banned, temperature: float, t
     return tok, logp
 
 
-PAGE = 16                     # tokens per page of generated keys and values
-
-
-def kv_plan(budget: int, prompt_len: int, group_size: int, max_new_tokens: int, n_prompts: int,
-            page: int = PAGE) -> tuple[int, int, int]:
-    """(prompt slots, pages, tokens per page) for a KV budget of `budget` cached tokens.
-
-    When the budget holds every prompt and every row at full length (or is 0: no bound), each
-    row slot gets one page of max_new_tokens (dense). Otherwise prompt slots (prompt_len tokens
-    each) take at most a quarter of the budget and the rest is pages of `page` tokens, a row
-    taking pages as it grows; one row at full length must fit. Raises when the budget is smaller
-    than one prompt and one full row."""
-    rows = n_prompts * group_size
-    if budget <= 0 or n_prompts * prompt_len + rows * max_new_tokens <= budget:
-        return n_prompts, rows, max_new_tokens
-    per_row = -(-max_new_tokens // page)
-    prompts = max(1, min(n_prompts, budget // (4 * prompt_len)))
-    while prompts > 1 and (budget - prompts * prompt_len) // page < per_row:
-        prompts -= 1
-    pages = (budget - prompts * prompt_len) // page
-    if pages < per_row:
-        raise ValueError(f"rollout.max_batch_tokens={budget} holds no prompt of {prompt_len} tokens with one row of "
-                         f"{max_new_tokens} (needs {prompt_len + per_row * page}); raise it, or 0 for no bound")
-    return prompts, pages, page
-
-
 @torch.no_grad()
 def generate(model, batch: dict, *, group_size: int, max_new_tokens: int, eos_token_id, pad_token_id: int,
              temperature: float = 1.0, top_p: float = 1.0, seeds=None, banned_ids: list[int] | None = None,
@@ -128,7 +102,7 @@ def generate(model, batch: dict, *, group_size: int, max_new_tokens: int, eos_to
         pure function of (seeds[b], g, t) (sampling.py), so its completion does not depend on the
         other prompts in the call, nor on when it was decoded. None: seeds from torch's generator.
     max_batch_tokens: the KV cache budget in tokens (prompt slots x longest prompt + row slots x
-        max_new_tokens, see `kv_plan`); 0 = every prompt and row at once.
+        max_new_tokens, see `decode.kv_plan`); 0 = every prompt and row at once.
     lean: decode with `decode.LeanDecoder` where the model is supported: continuous batching
         (rows join as slots free, a finished row stops costing compute at once); else the
         Hugging Face step, in static batches of as many prompts as the budget holds."""
