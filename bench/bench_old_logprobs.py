@@ -1,11 +1,12 @@
 """The old-policy pass against the rollout engine's own log-probs, and the rollout/training
 mismatch in fp32 and under bf16 autocast.
 
-    python bench/bench_old_logprobs.py [--steps 3] [--warmup 1]
+    python bench/bench_old_logprobs.py [--steps 3] [--warmup 1] [--repeats 2]
 
 Runs configs/tiny.yaml's GRPO step as the paper has it (beta 0.01, no format anchor) with the
 paper's four optimizer updates per step (16 prompts, mini-batches of 4) on a randomly
-initialised tiny model, twice: grpo.old_logprobs recompute (a no-grad pass of the training
+initialised tiny model (whose completions all run to max_new_tokens, so both modes do the same
+work), alternating `repeats` times: grpo.old_logprobs recompute (a no-grad pass of the training
 forward gives pi_old) and rollout (the engine's log-probs are pi_old; no pass). Reports per
 phase the median seconds (rollout; no-grad log-probs: reference + old policy; update) and the
 step's saving against the old-policy pass's measured share. Then the mismatch (rl/correction.py,
@@ -50,6 +51,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2, help="runs per mode, alternating")
     args = ap.parse_args()
     base = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
     out = {}
@@ -57,13 +59,18 @@ def main():
         tmp = Path(tmp)
         synth, model_dir = tiny_dirs(tmp)
         n = args.warmup + args.steps
-        for name, over in (("recompute", {}), ("rollout", {"grpo": {"old_logprobs": "rollout"}}),
-                           ("bf16", {"model": {"autocast": "bf16"}})):
-            rows = run(tmp, name, base, model_dir, synth, n, **over)[args.warmup:]
+        runs = {"recompute": [], "rollout": [], "bf16": []}
+        modes = (("recompute", {}), ("rollout", {"grpo": {"old_logprobs": "rollout"}}))
+        for rep in range(args.repeats):               # the two modes alternate, so drifts of the machine hit both
+            for name, over in modes:
+                runs[name] += run(tmp, f"{name}{rep}", base, model_dir, synth, n, **over)[args.warmup:]
+        runs["bf16"] = run(tmp, "bf16", base, model_dir, synth, n, model={"autocast": "bf16"})[args.warmup:]
+        for name, rows in runs.items():
             med = lambda k: statistics.median(r[k] for r in rows)      # noqa: E731
             out[name] = {"rollout_s": round(med("time/rollout"), 3), "logprobs_s": round(med("time/ref"), 3),
                          "update_s": round(med("time/update"), 3),
                          "step_s": round(med("time/rollout") + med("time/ref") + med("time/update"), 3),
+                         "completion_tokens": med("tokens/completion"),
                          "mismatch_k3": med("mismatch/k3"), "mismatch_abs_mean": med("mismatch/abs_mean"),
                          "mismatch_abs_max": max(r["mismatch/abs_max"] for r in rows)}
     rec, rol = out["recompute"], out["rollout"]
@@ -72,7 +79,7 @@ def main():
     for name in ("recompute", "rollout"):
         r = out[name]
         print(f"old_logprobs {name}: rollout {r['rollout_s']:.2f} s, no-grad log-probs {r['logprobs_s']:.2f} s, "
-              f"update {r['update_s']:.2f} s, step {r['step_s']:.2f} s")
+              f"update {r['update_s']:.2f} s, step {r['step_s']:.2f} s ({r['completion_tokens']:.0f} completion tokens)")
     print(f"the old-policy pass is {100 * out['old_pass_share']:.1f}% of the recompute step; old_logprobs: rollout "
           f"saves {100 * out['step_saving']:.1f}% of it")
     for name in ("recompute", "bf16"):
