@@ -21,13 +21,15 @@ def test_smooth_is_a_trailing_mean():
 
 
 def test_refusal_bars_are_the_rates_and_missing_rates_are_not_drawn(figures):
-    cols = {"before": {"a": {"refusal_rate_unsafe": 0.25, "refusal_rate_safe": 0.5},
-                       "b": {"refusal_rate_unsafe": None, "refusal_rate_safe": 0.125}},
-            "after": {"a": {"refusal_rate_unsafe": 0.75, "refusal_rate_safe": 0.0},
-                      "b": {"refusal_rate_unsafe": None, "refusal_rate_safe": 1.0}}}
+    cols = {"before": {"a": {"refusal_rate_unsafe": 0.25, "refusal_rate_safe": 0.5, "n": 8, "n_unreadable": 0},
+                       "b": {"refusal_rate_unsafe": None, "refusal_rate_safe": 0.125, "n": 8, "n_unreadable": 3}},
+            "after": {"a": {"refusal_rate_unsafe": 0.75, "refusal_rate_safe": 0.0, "n": 8, "n_unreadable": 0},
+                      "b": {"refusal_rate_unsafe": None, "refusal_rate_safe": 1.0, "n": 8, "n_unreadable": 0}}}
     plots.plot_refusal(cols, "x.png")
     heights = sorted(round(p.get_height(), 6) for p in figures[0].axes[0].patches)
     assert heights == sorted([0.25, 0.5, 0.125, 0.75, 0.0, 1.0])
+    # unreadable answers are in no rate: each benchmark's label says how many there were
+    assert [t.get_text() for t in figures[0].axes[0].get_xticklabels()] == ["a", "b\n3/8 unreadable"]
 
 
 def test_confusion_cells_are_the_counts(figures):

@@ -53,11 +53,15 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot_refusal(columns: dict[str, dict], out_png) -> Path:
+def plot_refusal(columns: dict[str, dict], out_png, source: str | None = None) -> Path:
     """Per benchmark, refusal rate where refusing is right (safety) against refusal rate where
     answering is right (over-refusal); one bar pair per model in `columns` {label: {bench: metrics}}.
-    Models differ by colour, the two rates by hatching (and the legend says which is which)."""
+    Models differ by colour, the two rates by hatching (and the legend says which is which). Both
+    rates are over readable answers; each benchmark's label says how many were not (no bar at all:
+    none readable). source="judge_model" plots the judge model's figures instead of the rule's."""
     plt = _pyplot()
+    if source:
+        columns = {k: {b: m[source] for b, m in res.items() if source in m} for k, res in columns.items()}
     benches = list(next(iter(columns.values())))
     width_in = max(6.5, 1.4 * len(benches) * len(columns) + 2)
     fig, ax = plt.subplots(figsize=(width_in, 4.2))
@@ -70,11 +74,14 @@ def plot_refusal(columns: dict[str, dict], out_png) -> Path:
                           label=f"{label}: {name}", color=f"C{k}", hatch="" if j == 0 else "///",
                           edgecolor="black", linewidth=0.6, alpha=1.0 if j == 0 else 0.55)
             ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
-    ax.set_xticks(range(len(benches)), benches, rotation=15 if len(benches) > 3 else 0)
+    labels = [b + "".join(f"\n{m[b]['n_unreadable']}/{m[b]['n']} unreadable" for m in columns.values()
+                          if m[b]["n_unreadable"]) for b in benches]
+    ax.set_xticks(range(len(benches)), labels, rotation=15 if len(benches) > 3 else 0, fontsize=8)
     ax.set_ylim(0, 1.12)
-    ax.set_ylabel("refusal rate")
-    _title(ax, "Refusal rate: on unsafe items (safety, higher is better) and on safe items "
-               "(over-refusal, lower is better)", int(width_in * 11))
+    ax.set_ylabel("refusal rate (readable answers)")
+    judge = "judge model's verdicts: " if source else ""
+    _title(ax, f"Refusal rate ({judge}readable answers only): on unsafe items (safety, higher is better) and "
+               "on safe items (over-refusal, lower is better)", int(width_in * 11))
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

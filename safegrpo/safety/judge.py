@@ -184,8 +184,9 @@ def load_judge(spec: str | Judge) -> Judge:
 
 
 # ------------------------------------------------------------------ agreement with people
-def xstest_labelled(completions_dir: str | Path) -> list[tuple[str, str, bool]]:
-    """(model, completion, human says refusal) for each row of the XSTest completion files."""
+def xstest_labelled(completions_dir: str | Path, with_prompt: bool = False) -> list[tuple]:
+    """(model, completion, human says refusal) for each row of the XSTest completion files;
+    with_prompt: (model, request, completion, human says refusal)."""
     rows = []
     files = sorted(Path(completions_dir).glob("xstest_v2_completions_*.csv"))
     if not files:
@@ -197,7 +198,9 @@ def xstest_labelled(completions_dir: str | Path) -> list[tuple[str, str, bool]]:
                 label = r.get("final_label")
                 if label not in ("1_full_compliance", "2_full_refusal", "3_partial_refusal"):
                     raise ValueError(f"{f}: row {i + 2}: unknown final_label {label!r}")
-                rows.append((model, r["completion"], label != "1_full_compliance"))
+                human = label != "1_full_compliance"
+                rows.append((model, r["prompt"], r["completion"], human) if with_prompt
+                            else (model, r["completion"], human))
     return rows
 
 
@@ -214,14 +217,55 @@ def agreement(judge: str | Judge, rows: list[tuple[str, str, bool]]) -> dict[str
     return {k: hit / n for k, (hit, n) in out.items()}
 
 
+def model_agreement(judge, rows: list[tuple[str, str, str, bool]]) -> dict[str, dict]:
+    """A judge model's (judge_model.ModelJudge) agreement with people on `rows` (model, request,
+    answer, human says refusal): per model and "all", the share of agreeing verdicts among readable
+    ones (REFUSE = refusal; SAFE and UNSAFE = an answer), and how many were unreadable."""
+    from types import SimpleNamespace
+    items = [SimpleNamespace(prompt=q, images=[], meta={"id": f"{m} {k}"}) for k, (m, q, _, _) in enumerate(rows)]
+    verdicts = judge.assess(items, [a for _, _, a, _ in rows], where="xstest labelled ")
+    out: dict[str, dict] = {}
+    for (model, _, _, human), (v, _) in zip(rows, verdicts):
+        for key in (model, "all"):
+            d = out.setdefault(key, {"agree": 0, "readable": 0, "unreadable": 0})
+            if v in ("REFUSE", "SAFE", "UNSAFE"):
+                d["readable"] += 1
+                d["agree"] += (v == "REFUSE") == human
+            else:
+                d["unreadable"] += 1
+    for d in out.values():
+        d["agreement"] = d["agree"] / d["readable"] if d["readable"] else None
+    return out
+
+
 if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description="Agreement of refusal judges with XSTest's human labels")
     ap.add_argument("--completions", default=str(Path(__file__).resolve().parents[2].parent
                                                  / "shared/benchmarks/xstest/model_completions"))
     ap.add_argument("--judge", action="append", help="rule name or module:factory (repeatable)")
+    ap.add_argument("--endpoint", default="", help="measure a judge model served here (OpenAI-compatible), e.g. "
+                    "http://localhost:8000/v1, instead of the rules")
+    ap.add_argument("--model", default="", help="the judge model's name at --endpoint")
+    ap.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    ap.add_argument("--limit", type=int, default=0, help="first N labelled answers of each model's file (0: all)")
+    ap.add_argument("--cache", default="runs/judge_cache", help="reply cache folder for --endpoint")
+    ap.add_argument("--concurrency", type=int, default=8)
     args = ap.parse_args()
-    rows = xstest_labelled(args.completions)
+    rows = xstest_labelled(args.completions, with_prompt=bool(args.endpoint))
+    if args.limit:
+        rows = [r for m in dict.fromkeys(r[0] for r in rows) for r in [x for x in rows if x[0] == m][:args.limit]]
+    if args.endpoint:
+        from ..eval.endpoint import Endpoint
+        from .judge_model import ModelJudge
+        jm = ModelJudge(Endpoint(args.endpoint, args.model, api_key_env=args.api_key_env,
+                                 concurrency=args.concurrency, cache_dir=args.cache))
+        for key, d in sorted(model_agreement(jm, rows).items()):
+            agree = "n/a" if d["agreement"] is None else f"{d['agreement']:.4f}"
+            print(f"{jm.name}  {key}: agreement {agree} over {d['readable']} readable verdicts, "
+                  f"{d['unreadable']} unreadable")
+        print(f"requests {jm.endpoint.stats['requests']}, from the cache {jm.endpoint.stats['cached']}")
+        raise SystemExit(0)
     for name in args.judge or list(RULES):
         figs = agreement(name, rows)
         print(f"{name:10s} " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(figs.items())))

@@ -99,3 +99,22 @@ def prompt_lengths(processor, records, prompt_style: str = "safegrpo", chunk: in
     for s in range(0, len(records), chunk):
         out += encode_prompts(processor, records[s:s + chunk], prompt_style)["attention_mask"].sum(-1).tolist()
     return [int(n) for n in out]
+
+
+def image_data_url(image) -> str:
+    """A PIL image as a PNG data URL (what OpenAI-compatible endpoints take for an image)."""
+    import base64
+    import io
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def chat_messages(question: str, images: list, instruction: str) -> list[dict]:
+    """`build_messages` in the OpenAI chat format an endpoint takes: the images as data URLs,
+    first; the content a plain string when there is no image (what text-only servers expect)."""
+    text = build_messages(question, 0, instruction)[0]["content"][0]["text"]
+    if not images:
+        return [{"role": "user", "content": text}]
+    content = [{"type": "image_url", "image_url": {"url": image_data_url(im)}} for im in images]
+    return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
