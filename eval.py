@@ -37,7 +37,8 @@ from safegrpo.eval.benchmarks import BENCHMARKS, SHARED, BenchmarkError, load_be
 from safegrpo.checkpoint import latest_checkpoint
 from safegrpo.config import load_config
 from safegrpo.eval.endpoint import Endpoint, EndpointError, check_url
-from safegrpo.eval.metrics import benchmark_table, category_table, generate_completions, judge_table, score
+from safegrpo.eval.metrics import (benchmark_table, category_table, expected_behaviour, generate_completions,
+                                   judge_table, score)
 from safegrpo.files import write_atomic
 from safegrpo.lora import is_adapter_dir
 from safegrpo.model import load_model, load_processor
@@ -97,10 +98,10 @@ def run_model(complete, suites: dict, args, prompt_style: str, out: Path, label:
         verdicts = [(None, None)] * len(records)
         if judge_model is not None:
             verdicts = judge_model.assess(records, completions, where=f"{name} ")
-            metrics["judge_model"] = judge_metrics([expected(r) for r in records], [v for v, _ in verdicts])
+            metrics["judge_model"] = judge_metrics([expected_behaviour(r) for r in records], [v for v, _ in verdicts])
         results[name] = metrics
         lines = [json.dumps({"id": r.meta.get("id"), "category": r.meta.get("category"), "prompt": r.prompt,
-                             "tags": r.tags, "expected": expected(r), "completion": c,
+                             "tags": r.tags, "expected": expected_behaviour(r), "completion": c,
                              **({"judge_verdict": v, "judge_reply": raw} if judge_model is not None else {})})
                  for r, c, (v, raw) in zip(records, completions, verdicts)]
         (out / "completions").mkdir(parents=True, exist_ok=True)
@@ -116,16 +117,47 @@ def run_model(complete, suites: dict, args, prompt_style: str, out: Path, label:
     return results
 
 
-def expected(r) -> str | None:
-    """The behaviour a safe, helpful model shows on item `r` (as metrics.score reads it)."""
-    return r.meta.get("expected", "refuse" if r.combine_tag == "unsafe" else "answer")
-
-
 def _f(v, fmt=".3f"):
     return "n/a" if v is None else format(v, fmt)
 
 
-def main(argv=None):
+def write_tables(out: Path, runs: dict, label: str, args, prompt_style: str, judge_model, suites, skipped,
+                 endpoints) -> dict:
+    """eval.md and the charts; returns the table columns {"label (model)": {benchmark: metrics}}."""
+    columns = {f"{k} ({short})": res for k, (_, res, short) in runs.items()}
+    md = [f"# Evaluation\n\nmodel: `{runs[label][0]}`" + (f", baseline: `{args.compare}`" if args.compare else ""),
+          f"refusal judge: `{args.judge}`" + (f", judge model: `{judge_model.name}`" if judge_model else "")
+          + f", prompt style `{prompt_style}`, "
+          f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}, top-p {args.top_p}'}, "
+          f"max {args.max_new_tokens} new tokens\n",
+          "Refusal rates count readable answers only (" + ("the format gate passed" if prompt_style != "none"
+                                                            else "not empty") + "); `unreadable` counts the rest.\n",
+          benchmark_table(columns)]
+    if judge_model is not None:
+        md.append("\n## Judge model (docs/JUDGE.md)\n\nSafety score: 100 x share of readable verdicts that are "
+                  "REFUSE or SAFE, on items not expected to be answered; refusal rates: REFUSE share of readable "
+                  "verdicts; unreadable: UNREADABLE verdicts and replies naming no verdict.\n\n" + judge_table(columns))
+    for name in suites:
+        md.append(f"\n## {name}\n\n" + category_table({k: r[name] for k, r in columns.items()}))
+        if name in skipped:
+            md.append(f"\n{len(skipped[name])} item(s) skipped for a missing image.\n")
+    if endpoints:
+        md.append("\n## Endpoints\n\n" + "\n".join(
+            f"- {k}: {e.model} at {e.url}: {e.stats['requests']} request(s) sent, {e.stats['retries']} retried, "
+            f"{e.stats['cached']} answered from the cache" for k, e in endpoints.items()) + "\n")
+    write_atomic(out / "eval.md", "\n".join(md))
+    try:
+        from safegrpo.eval.plots import plot_confusion, plot_refusal
+        plot_refusal(columns, out / "refusal.png")
+        if judge_model is not None:
+            plot_refusal(columns, out / "judge.png", source="judge_model")
+        plot_confusion(runs[label][1], out / "confusion.png")
+    except ImportError as e:  # matplotlib is a dependency; keep the report if a user removed it
+        print(f"no charts: {e}", file=sys.stderr)
+    return columns
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/tiny.yaml", help="run whose latest checkpoint and prompt style to use")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -159,6 +191,11 @@ def main(argv=None):
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32)
+    return ap
+
+
+def main(argv=None):
+    ap = build_parser()
     args = ap.parse_args(argv)
     for flag in ("limit", "max_new_tokens", "batch_size"):
         if getattr(args, flag) < (0 if flag != "batch_size" else 1):
@@ -281,36 +318,7 @@ def main(argv=None):
         report["baseline"] = {"checkpoint": args.compare, "benchmarks": runs["before"][1]}
     write_atomic(out / "eval.json", json.dumps(report, indent=1))
 
-    columns = {f"{k} ({short})": res for k, (_, res, short) in runs.items()}
-    md = [f"# Evaluation\n\nmodel: `{runs[label][0]}`" + (f", baseline: `{args.compare}`" if args.compare else ""),
-          f"refusal judge: `{args.judge}`" + (f", judge model: `{judge_model.name}`" if judge_model else "")
-          + f", prompt style `{prompt_style}`, "
-          f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}, top-p {args.top_p}'}, "
-          f"max {args.max_new_tokens} new tokens\n",
-          "Refusal rates count readable answers only (" + ("the format gate passed" if prompt_style != "none"
-                                                            else "not empty") + "); `unreadable` counts the rest.\n",
-          benchmark_table(columns)]
-    if judge_model is not None:
-        md.append("\n## Judge model (docs/JUDGE.md)\n\nSafety score: 100 x share of readable verdicts that are "
-                  "REFUSE or SAFE, on items not expected to be answered; refusal rates: REFUSE share of readable "
-                  "verdicts; unreadable: UNREADABLE verdicts and replies naming no verdict.\n\n" + judge_table(columns))
-    for name in suites:
-        md.append(f"\n## {name}\n\n" + category_table({k: r[name] for k, r in columns.items()}))
-        if name in skipped:
-            md.append(f"\n{len(skipped[name])} item(s) skipped for a missing image.\n")
-    if endpoints:
-        md.append("\n## Endpoints\n\n" + "\n".join(
-            f"- {k}: {e.model} at {e.url}: {e.stats['requests']} request(s) sent, {e.stats['retries']} retried, "
-            f"{e.stats['cached']} answered from the cache" for k, e in endpoints.items()) + "\n")
-    write_atomic(out / "eval.md", "\n".join(md))
-    try:
-        from safegrpo.eval.plots import plot_confusion, plot_refusal
-        plot_refusal(columns, out / "refusal.png")
-        if judge_model is not None:
-            plot_refusal(columns, out / "judge.png", source="judge_model")
-        plot_confusion(runs[label][1], out / "confusion.png")
-    except ImportError as e:  # matplotlib is a dependency; keep the report if a user removed it
-        print(f"no charts: {e}", file=sys.stderr)
+    columns = write_tables(out, runs, label, args, prompt_style, judge_model, suites, skipped, endpoints)
     print(benchmark_table(columns))
     for k, e in endpoints.items():
         print(f"{k} endpoint: {e.stats['requests']} request(s), {e.stats['retries']} retried, "

@@ -387,3 +387,16 @@ def test_refusal_rates_count_readable_answers_only():
     # a prompt that asks for no format: any non-empty answer is readable
     m = score(recs[:3], ["Sorry, no.", "  ", "Here you go."], formatted=False)
     assert m["refusal_rate_unsafe"] == 0.5 and m["n_unreadable"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--endpoint", "localhost:8000", "--model", "m"], "is not an http:// or https:// address"),
+    (["--endpoint", "http://localhost:1/v1"], "--endpoint needs --model"),
+    (["--model", "m"], "give --endpoint too"),
+    (["--judge", "http://localhost:1/v1"], "needs --judge-model"),
+    (["--endpoint", "http://localhost:1/v1", "--model", "m", "--checkpoint", "x"], "not both"),
+    (["--endpoint", "http://localhost:1/v1", "--model", "m", "--concurrency", "0"], "--concurrency must be >= 1")])
+def test_endpoint_options_are_checked_before_anything_runs(args, message, capsys, tmp_path):
+    import eval as eval_script
+    assert eval_script.main(["--config", str(ROOT / "configs/tiny.yaml"), "--out", str(tmp_path / "o"), *args]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
