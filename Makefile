@@ -74,7 +74,9 @@ bench: $(STAMP) $(BENCH_STAMP)
 	@echo "figures: bench/results.json"
 
 # the latest checkpoint of the default run on SafeTag-Synth and every sample in ../shared/benchmarks
-# (FigStep's sample has 30 of its 500 images: the rest are skipped and counted in the report)
+# (FigStep's sample has 30 of its 500 images: the rest are skipped and counted in the report).
+# EVAL_ARGS="--endpoint URL --model NAME" evaluates a served model instead of the checkpoint, and
+# "--judge URL --judge-model NAME" adds a judge model's verdicts (README, "Evaluation")
 EVAL_ARGS ?=
 eval: $(STAMP)
 	$(PY) eval.py --config $(CONFIG) --skip-missing $(EVAL_ARGS)
