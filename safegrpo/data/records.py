@@ -287,7 +287,8 @@ def _log_reports(reports, out: list | None):
 
 
 # ------------------------------------------------------------------------------------- writing
-def _png_bytes(img: Image.Image) -> bytes:
+def png_bytes(img: Image.Image) -> bytes:
+    """A PIL image encoded as PNG (parquet image structs, endpoint data URLs)."""
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -301,7 +302,7 @@ def write_parquet(records, path) -> Path:
     path = Path(path)
     meta_keys = sorted({k for r in records for k in r.meta})
     cols = {"prompt": [r.prompt for r in records],
-            "images": [[{"bytes": _png_bytes(im), "path": None} for im in r.images] for r in records]}
+            "images": [[{"bytes": png_bytes(im), "path": None} for im in r.images] for r in records]}
     for c in TAG_COLUMNS:
         cols[c] = [getattr(r, c) for r in records]
     for k in meta_keys:

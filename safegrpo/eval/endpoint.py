@@ -109,7 +109,7 @@ class Endpoint:
         if todo:
             bar = tqdm(total=len(todo), desc=desc or self.model, leave=False, disable=len(todo) < 2)
             with ThreadPoolExecutor(self.concurrency) as pool:
-                futures = {pool.submit(self._one, *requests[i][:3], k): k for k, i in todo.items()}
+                futures = {pool.submit(self._one, *requests[i], k): k for k, i in todo.items()}
                 pending = set(futures)
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)

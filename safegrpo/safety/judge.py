@@ -222,13 +222,15 @@ def model_agreement(judge, rows: list[tuple[str, str, str, bool]]) -> dict[str, 
     answer, human says refusal): per model and "all", the share of agreeing verdicts among readable
     ones (REFUSE = refusal; SAFE and UNSAFE = an answer), and how many were unreadable."""
     from types import SimpleNamespace
+
+    from .judge_model import READABLE
     items = [SimpleNamespace(prompt=q, images=[], meta={"id": f"{m} {k}"}) for k, (m, q, _, _) in enumerate(rows)]
     verdicts = judge.assess(items, [a for _, _, a, _ in rows], where="xstest labelled ")
     out: dict[str, dict] = {}
     for (model, _, _, human), (v, _) in zip(rows, verdicts):
         for key in (model, "all"):
             d = out.setdefault(key, {"agree": 0, "readable": 0, "unreadable": 0})
-            if v in ("REFUSE", "SAFE", "UNSAFE"):
+            if v in READABLE:
                 d["readable"] += 1
                 d["agree"] += (v == "REFUSE") == human
             else:

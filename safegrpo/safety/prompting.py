@@ -104,10 +104,8 @@ def prompt_lengths(processor, records, prompt_style: str = "safegrpo", chunk: in
 def image_data_url(image) -> str:
     """A PIL image as a PNG data URL (what OpenAI-compatible endpoints take for an image)."""
     import base64
-    import io
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    from ..data.records import png_bytes
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
 
 
 def chat_messages(question: str, images: list, instruction: str) -> list[dict]:
