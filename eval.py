@@ -39,7 +39,7 @@ from safegrpo.config import load_config
 from safegrpo.eval.endpoint import Endpoint, EndpointError, check_url
 from safegrpo.eval.metrics import (benchmark_table, category_table, expected_behaviour, generate_completions,
                                    judge_table, score)
-from safegrpo.files import write_atomic
+from safegrpo.files import NotOursError, own_dir, write_atomic
 from safegrpo.lora import is_adapter_dir
 from safegrpo.model import load_model, load_processor
 from safegrpo.data.synth import synth_ready
@@ -104,7 +104,7 @@ def run_model(complete, suites: dict, args, prompt_style: str, out: Path, label:
                              "tags": r.tags, "expected": expected_behaviour(r), "completion": c,
                              **({"judge_verdict": v, "judge_reply": raw} if judge_model is not None else {})})
                  for r, c, (v, raw) in zip(records, completions, verdicts)]
-        (out / "completions").mkdir(parents=True, exist_ok=True)
+        own_dir(out / "completions")
         write_atomic(out / "completions" / f"{label}-{name}.jsonl", "\n".join(lines) + "\n")
         extra = ""
         if judge_model is not None:
@@ -214,6 +214,8 @@ def main(argv=None):
         load_judge(args.judge)
         if judge_url and not args.judge_model:
             raise ValueError(f"--judge {judge_url} needs --judge-model (the model name it serves)")
+        if judge_url:
+            check_url(judge_url, "--judge")
         if args.endpoint:
             check_url(args.endpoint)
             if not args.model:
@@ -247,13 +249,23 @@ def main(argv=None):
         out = Path(args.out)
     else:
         out = ckpt / "eval" if ckpt else Path("runs/eval") / re.sub(r"[^A-Za-z0-9._-]+", "_", args.model).strip("_.")
-    suites, skipped, data_paths = {}, {}, {}
-    for name, path in parse_benchmarks(args.benchmark):
-        report = []
-        kw = {"synth": cfg.data.synth} if name == "safetag-synth" else {}
+    cache = Path(args.cache) if args.cache else out / "cache"
+    benchmarks = parse_benchmarks(args.benchmark)
+    for name, path in benchmarks:
         if path and not Path(path).exists():   # a typo must not quietly evaluate other data
             print(f"error: --benchmark {name}={path}: no such file or folder", file=sys.stderr)
             return 2
+    try:                                     # folders of ours only, checked before anything runs
+        own_dir(out)
+        if args.endpoint or judge_url:
+            own_dir(cache)
+    except NotOursError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    suites, skipped, data_paths = {}, {}, {}
+    for name, path in benchmarks:
+        report = []
+        kw = {"synth": cfg.data.synth} if name == "safetag-synth" else {}
         if name == "safetag-synth":         # read where training generated it; never rewrite that folder
             given = path
             path = path or cfg.data.synth_dir
@@ -273,26 +285,28 @@ def main(argv=None):
         if report:
             skipped[name] = report
             print(f"{name}: skipped {len(report)} item(s) with a missing image (first: {report[0][1]})")
-    out.mkdir(parents=True, exist_ok=True)
-
-    cache = Path(args.cache) if args.cache else out / "cache"
 
     def endpoint(url, model, key_env):
         return Endpoint(url, model, api_key_env=key_env, concurrency=args.concurrency, timeout=args.request_timeout,
                         retries=args.retries, backoff=args.backoff, cache_dir=cache)
-    judge_model = None
-    if judge_url:
+    try:                                 # made (and the cache checked writable) before any work
         judge_model = ModelJudge(endpoint(judge_url, args.judge_model, args.judge_api_key_env),
-                                 max_tokens=args.judge_max_tokens, with_images=args.judge_images)
+                                 max_tokens=args.judge_max_tokens, with_images=args.judge_images) if judge_url else None
+        served = endpoint(args.endpoint, args.model, args.api_key_env) if args.endpoint else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     runs, endpoints = {}, {}
     try:
+        for ep in (served, judge_model.endpoint if judge_model else None):
+            if ep is not None:         # a dead server is found now, not after every completion was made
+                ep.check()
         if args.compare:
             runs["before"] = (args.compare, run_model(checkpoint_source(Path(args.compare), args, prompt_style), suites,
                                                       args, prompt_style, out, "before", judge_model),
                               Path(args.compare).name)
         label = "after" if args.compare else "model"
         if args.endpoint:
-            served = endpoint(args.endpoint, args.model, args.api_key_env)
             endpoints["model"] = served
             source, name, short = (endpoint_source(served, args, prompt_style), f"{args.model} @ {served.url}",
                                    args.model.rstrip("/").rsplit("/", 1)[-1])
@@ -303,6 +317,10 @@ def main(argv=None):
         print(f"error: {e}\n(replies that arrived are cached in {cache}; run the same command again to resume)",
               file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing more was sent (replies that arrived are cached in {cache}; run the same "
+              "command again to resume)", file=sys.stderr)
+        return 130
     if judge_model is not None:
         endpoints["judge"] = judge_model.endpoint
 

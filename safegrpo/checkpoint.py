@@ -9,20 +9,21 @@
 
 Everything is safetensors or JSON: no pickle is written or read. A checkpoint is written under a
 temporary name and renamed into place, so a crash or SIGKILL mid-write never leaves a
-`step_N` that loads wrongly; leftover temporaries are ignored and cleaned up. A checkpoint
-damaged afterwards (a truncated file, an empty state) is named in the error, and `--resume`
-falls back to the newest intact one, saying so.
+`step_N` that loads wrongly; readers ignore leftover temporaries, and only the run that holds
+the folder's lock removes them (a reader never deletes: a live run may be writing one). A
+checkpoint damaged afterwards (a truncated file, an empty state) is named in the error, and
+`--resume` falls back to the newest intact one, saying so.
 
-A run directory belongs to one run (`claim_run_dir`): starting afresh where a run left
-checkpoints or metrics stops with a message (or, with --overwrite, deletes that run's files
-first), and `--resume` checks that the checkpoint was written under the same configuration
-(`resumable_checkpoint`), naming every difference.
+A run directory belongs to one run and to this project (`open_run_dir`): a folder safegrpo did
+not create is refused (files.own_dir); starting afresh where a run left checkpoints or metrics
+stops with a message (or, with --overwrite, deletes that run's files first, only when nothing
+at any depth is the user's: files.foreign_entries), and `--resume` checks that the checkpoint
+was written under the same configuration (`resumable_checkpoint`), naming every difference.
 """
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -32,18 +33,14 @@ from safetensors.torch import load_file, save_file
 from . import distributed as dist
 from .config import Config, config_from_dict
 from .options import differences
-from .files import atomic_path
+from .files import MARKER, NotOursError, atomic_path, foreign_entries, own_dir, register, remove_ours, remove_temporaries
 from .lora import ADAPTER_WEIGHTS, adapter_state, save_adapter
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 STATE_FILES = ("trainer_state.json", "optimizer.safetensors", "rng.safetensors")
-# what a run writes into its directory (claim_run_dir deletes only these, with --overwrite)
-RUN_FILES = {"config.yaml", "metrics.jsonl", "checkpoints", "sft", "sft_metrics.jsonl", "caption_metrics.jsonl",
-             "eval_before.json", "eval_after.json", "eval_before_samples.jsonl", "eval_after_samples.jsonl",
-             "eval_table.md", "reward_curves.png", "tensorboard", "wandb", ".lock"}
 LOCK = ".lock"                 # held (flock) by the live process that owns the run directory
 # settings that may change when a run is resumed (they do not change what is computed)
-RESUMABLE_CHANGES = ("train.steps", "train.save_every", "train.eval_every", "train.eval_limit", "train.threads",
+RESUMABLE_CHANGES = ("train.steps", "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.eval_limit", "train.threads",
                      "train.device", "train.out_dir", "train.collective_timeout_s", "grpo.max_empty_steps",
                      "rollout.max_batch_tokens")     # completions do not depend on the KV budget (tests/test_engine.py)
 
@@ -91,7 +88,8 @@ def save_checkpoint(ckpt_root, step: int, model, processor, optimizer, state: di
     weights = dist.full_state_dict(model) if dist.active() else None
     tensors, groups = _flatten_optimizer(model, optimizer)
     if dist.is_main():
-        with atomic_path(final, ours=lambda p: True) as tmp:    # a step of this run; .step_N.tmp-PID until complete
+        own_dir(root)
+        with atomic_path(final) as tmp:              # .step_N.tmp-PID until complete; replaces only a step of ours
             if adapter is not None:
                 tmp.mkdir(parents=True)
                 save_adapter(tmp, adapter_state(weights if weights is not None else model.state_dict()), *adapter)
@@ -112,13 +110,11 @@ def _steps(root: Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(ckpt_root) -> Path | None:
-    """The highest step_N under ckpt_root that has its trainer state (temporaries are ignored
-    and cleaned up), or None."""
+    """The highest step_N under ckpt_root that has its trainer state (temporaries are ignored,
+    never deleted: a live run may be writing one), or None."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return None
-    for junk in root.glob(".step_*.tmp-*"):
-        shutil.rmtree(junk, ignore_errors=True)
     steps = [(n, p) for n, p in _steps(root) if (p / "trainer_state.json").is_file()]
     return steps[-1][1] if steps else None
 
@@ -168,7 +164,6 @@ def resumable_checkpoint(ckpt_root, cfg: Config, say=print) -> Path | None:
     configuration (listing every difference); RESUMABLE_CHANGES may differ, and train.steps
     only with a constant learning-rate schedule."""
     root = Path(ckpt_root)
-    latest_checkpoint(root)                                   # clean up temporaries
     found = None
     for step, p in reversed(_steps(root) if root.is_dir() else []):
         problem = checkpoint_problem(p)
@@ -196,6 +191,25 @@ def resumable_checkpoint(ckpt_root, cfg: Config, say=print) -> Path | None:
     return found
 
 
+def open_run_dir(out: Path, resume: bool, overwrite: bool):
+    """Make `out` this run's directory and take it for this process; returns the open lock
+    file (keep it open for the run's life). In order: the folder must be ours (created and
+    marked now, or earlier: files.own_dir), then the lock (`lock_run_dir`), then the run in it
+    (`claim_run_dir`), then our own leftover temporaries go (we hold the lock: no live writer)."""
+    out = Path(out)
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite exclude each other")
+    try:
+        own_dir(out)
+    except NotOursError as e:
+        raise RunDirError(f"train.out_dir: {e}") from None
+    fh = lock_run_dir(out)
+    claim_run_dir(out, resume, overwrite)
+    remove_temporaries(out)
+    remove_temporaries(out / "checkpoints")
+    return fh
+
+
 def lock_run_dir(out: Path):
     """Take the run directory for this process: an exclusive lock on out/.lock, held until the
     process ends (the returned file must stay open), so two train.py never write one run
@@ -205,6 +219,7 @@ def lock_run_dir(out: Path):
     import os
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    register(out, LOCK)
     fh = open(out / LOCK, "a+")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -222,14 +237,12 @@ def lock_run_dir(out: Path):
 
 
 def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Make `out` this run's directory. A directory holding another run's checkpoints or
-    metrics is refused unless resuming it, or deleted first with overwrite (only the files a
-    run writes: anything else there stops it, untouched)."""
+    """The run in `out` (a folder of ours, locked): a directory holding another run's
+    checkpoints or metrics is refused unless resuming it, or deleted first with overwrite:
+    only when nothing in it, at any depth, is the user's (files.foreign_entries); else nothing
+    is deleted and the user's files are named."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if resume:
-        if overwrite:
-            raise RunDirError("--resume and --overwrite exclude each other")
         return
     ckpts = out / "checkpoints"
     holds_run = (out / "metrics.jsonl").exists() or (ckpts.is_dir() and any(_STEP_RE.match(p.name) for p in ckpts.iterdir()))
@@ -238,14 +251,14 @@ def claim_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if not overwrite:
         raise RunDirError(f"{out} already holds a run (checkpoints or metrics.jsonl): pass --resume to continue "
                           "it, --overwrite to delete it and start again, or choose another train.out_dir")
-    entries = list(out.iterdir())
-    foreign = sorted(p.name for p in entries if p.name not in RUN_FILES and ".tmp-" not in p.name)
+    foreign = foreign_entries(out)
     if foreign:
-        raise RunDirError(f"--overwrite: {out} also holds files a run does not write ({', '.join(foreign[:10])}); "
-                          "not deleting anything. Choose another train.out_dir")
-    for p in entries:
-        if p.name != LOCK:                  # ours, held now: deleting it would let a second run lock a new file
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        raise RunDirError(f"--overwrite: {out} also holds files a run does not write "
+                          f"({', '.join(str(p.relative_to(out)) for p in foreign[:10])}); not deleting anything. "
+                          "Move them away, or choose another train.out_dir")
+    for p in list(out.iterdir()):
+        if p.name not in (LOCK, MARKER):     # the lock is held now: deleting it would let a second run lock a new file
+            remove_ours(p)
 
 
 def prune_checkpoints(ckpt_root, keep: int) -> None:
@@ -255,4 +268,7 @@ def prune_checkpoints(ckpt_root, keep: int) -> None:
     root = Path(ckpt_root)
     steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)))
     for _, p in steps[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+        try:
+            remove_ours(p)
+        except NotOursError as e:            # a file of the user's inside: the checkpoint stays
+            print(f"[checkpoint] not pruning: {e}")

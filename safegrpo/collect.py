@@ -67,7 +67,7 @@ class Groups:
         batch = encode([self.recs[i] for i in keep], keep) if keep else {}
         T = int(self.ro.lengths[rows].max()) if rows else 1
         ro = Rollout(self.ro.completion_ids[rows, :T], self.ro.lengths[rows], self.G,
-                     logprobs=self.ro.logprobs[rows, :T])
+                     logprobs=self.ro.logprobs[rows, :T], full_logprobs=self.ro.full_logprobs[rows, :T])
         return Groups([self.recs[i] for i in keep], [self.positions[i] for i in keep], batch, ro,
                       [self.parts[r] for r in rows], [self.gold[r] for r in rows], self.rewards[rows], self.G)
 
@@ -79,7 +79,8 @@ class Groups:
         ro = Rollout(torch.cat([pad(self.ro.completion_ids, pad_id), pad(other.ro.completion_ids, pad_id)]),
                      torch.cat([self.ro.lengths, other.ro.lengths]), self.G,
                      max(self.ro.peak_cached_tokens, other.ro.peak_cached_tokens),
-                     logprobs=torch.cat([pad(self.ro.logprobs, 0.0), pad(other.ro.logprobs, 0.0)]))
+                     logprobs=torch.cat([pad(self.ro.logprobs, 0.0), pad(other.ro.logprobs, 0.0)]),
+                     full_logprobs=torch.cat([pad(self.ro.full_logprobs, 0.0), pad(other.ro.full_logprobs, 0.0)]))
         return Groups(recs, self.positions + other.positions, encode(recs, list(range(len(recs)))), ro,
                       self.parts + other.parts, self.gold + other.gold, torch.cat([self.rewards, other.rewards]), self.G,
                       self.errors + other.errors, self.timeouts + other.timeouts)

@@ -19,7 +19,7 @@ from typing import Literal
 
 import yaml
 
-from .options import build, each, ge, gt, opt, section, set_dotted, within
+from .options import build, each, ge, gt, opt, read_yaml, section, set_dotted, within
 
 
 @dataclass
@@ -129,22 +129,26 @@ class RewardConfig:
     plugin: str = opt("", None, "package.module:function with verl's custom-reward signature, whose score "
                       "replaces the rule's total (rl/reward_fn.py); empty: the SafeGRPO rule")
     timeout_s: float = opt(0.0, ge(0.0), "> 0: a plug-in call running longer is stopped and scores 0")
-    workers: int = opt(4, ge(1), "with timeout_s: worker processes the plug-in's calls run on at once")
+    workers: int = opt(4, ge(1), "worker processes the plug-in's calls run on at once")
 
 
 @dataclass
 class RolloutCorrectionConfig:
     """Correction of the rollout/training mismatch (rl/correction.py, docs/METHOD.md eqs. 13-15;
-    names and defaults as verl's rollout correction). Off by default; needs old_logprobs: recompute."""
+    names, defaults and semantics as verl's rollout correction: importance weights on the
+    policy-gradient term, rejected tokens out of the response mask). Off by default; needs
+    old_logprobs: recompute, and then always runs the old-policy pass."""
     rollout_is: Literal["", "token", "sequence"] = opt("", None, "truncated importance sampling: each token's "
                                                        "policy-gradient loss x min(pi_train / pi_rollout, "
                                                        "rollout_is_threshold), per token or per sequence; empty: off")
     rollout_is_threshold: float = opt(2.0, gt(0.0), "C, the cap of the importance weight")
     rollout_rs: Literal["", "token", "sequence", "geometric"] = opt(
-        "", None, "rejection: weight 0 where the ratio (per token, per sequence, or the sequence's geometric mean) "
-        "leaves [rollout_rs_threshold_lower, rollout_rs_threshold]; empty: off")
+        "", None, "rejection: tokens whose ratio (per token, per sequence, or the sequence's geometric mean) leaves "
+        "[rollout_rs_threshold_lower, rollout_rs_threshold] leave the update (loss, KL, entropy and token count); "
+        "empty: off")
     rollout_rs_threshold: float = opt(2.0, gt(0.0), "upper bound of the kept ratios")
-    rollout_rs_threshold_lower: float = opt(0.5, gt(0.0), "lower bound of the kept ratios")
+    rollout_rs_threshold_lower: float = opt(0.0, ge(0.0), "lower bound of the kept ratios; 0: 1 / "
+                                            "rollout_rs_threshold (verl's default)")
 
 
 @dataclass
@@ -176,8 +180,11 @@ class GRPOConfig:
                                "group anywhere had reward spread (nothing learned); 0: never")
     old_logprobs: Literal["recompute", "rollout"] = opt("recompute", None, "pi_old when a rollout feeds more than "
                                                         "one update: recomputed by a no-grad pass of the training "
-                                                        "forward, or the rollout engine's own log-probs (no extra "
-                                                        "pass; the clipped ratio then also corrects the mismatch)")
+                                                        "forward, or the rollout engine's (no extra pass): its "
+                                                        "log-prob under the full softmax at the temperature, the "
+                                                        "training forward's form, so the ratio is 1 at the "
+                                                        "rollout's parameters (never the nucleus's or banned-id "
+                                                        "renormalised log-prob)")
     rollout_correction: RolloutCorrectionConfig = section(RolloutCorrectionConfig)
 
 
@@ -238,6 +245,8 @@ class TrainConfig:
     micro_batch_tokens: int = opt(0, ge(0), "> 0: instead, as many whole groups per pass as fit in this many "
                                   "tokens (prompt once + its G completions)")
     save_every: int = opt(50, ge(0), "GRPO steps between checkpoints; 0: only the final one")
+    keep_checkpoints: int = opt(3, ge(0), "how many of the newest checkpoints stay (older ones are deleted as "
+                                "new ones are written); 0: all")
     eval_every: int = opt(0, ge(0), "validate every N GRPO steps (greedy on the test split, val/... keys in "
                           "metrics.jsonl, points on reward_curves.png); 0: not during training")
     eval_limit: int = opt(0, ge(0), "test records for validation and the before/after evaluations; 0: all")
@@ -303,9 +312,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ValueError("train.micro_batch_tokens must be 0 (off) or a token budget")
     rc = cfg.grpo.rollout_correction
     if (rc.rollout_is or rc.rollout_rs) and cfg.grpo.old_logprobs != "recompute":
-        raise ValueError("grpo.rollout_correction needs grpo.old_logprobs: recompute (with rollout, pi_old is the "
-                         "engine's and the clipped ratio already corrects the mismatch)")
-    if rc.rollout_rs_threshold_lower >= rc.rollout_rs_threshold:
+        raise ValueError("grpo.rollout_correction needs grpo.old_logprobs: recompute (it weighs the training "
+                         "forward's log-probs at the rollout's parameters against the engine's)")
+    if rc.rollout_rs_threshold_lower and rc.rollout_rs_threshold_lower >= rc.rollout_rs_threshold:
         raise ValueError("grpo.rollout_correction.rollout_rs_threshold_lower must be below rollout_rs_threshold")
     if cfg.grpo.oversample and not cfg.grpo.filter_zero_std:
         raise ValueError("grpo.oversample draws more prompts to replace groups grpo.filter_zero_std drops: set both")
@@ -329,7 +338,7 @@ def load_config(path: str | None = None, overrides: list[str] = (), world_size: 
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"config file not found: {p}")
-        tree = yaml.safe_load(p.read_text()) or {}
+        tree = read_yaml(p.read_text(), str(p)) or {}
         if not isinstance(tree, dict):
             raise ValueError(f"{p}: the top level must be a mapping")
     for item in overrides:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .files import write_atomic
+from .files import own_dir, register, write_atomic
 from .safety.reward import GOLD_KEYS, SHORT_NAMES, TAGS
 
 
@@ -96,6 +96,7 @@ class MetricsFile:
     def __init__(self, out: Path, resume_step: int | None = None):
         """resume_step: on --resume, the checkpoint's step (0 without one): later lines are dropped."""
         self.path = Path(out) / "metrics.jsonl"
+        register(out, self.path.name)              # appended, not written whole: listed by hand (files.py)
         if resume_step is not None and self.path.exists():
             keep = []
             for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -140,6 +141,8 @@ class TensorBoard:
         from torch.utils.tensorboard.summary import hparams
         # resuming: the points after the checkpoint's step are dropped, as metrics.jsonl's lines
         # are (also when the run was killed before its first checkpoint: from step 1)
+        own_dir(out / "tensorboard")
+        register(out / "tensorboard", "events.out.tfevents.*")
         self.w = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1 if resume else None)
         if not resume:
             for summary in hparams(flat_config(cfg), {}):
@@ -160,7 +163,8 @@ class WandB:
     def __init__(self, out: Path, cfg: Config, start_step: int, resume: bool = False):
         wandb = _require("wandb", "wandb")
         id_file = out / "wandb" / "run_id"
-        id_file.parent.mkdir(parents=True, exist_ok=True)
+        own_dir(id_file.parent)
+        register(id_file.parent, "*")              # what wandb writes there is its own, for this run
         run_id = id_file.read_text().strip() if resume and id_file.is_file() else secrets.token_hex(4)   # one run
         id_file.write_text(run_id)
         self.run = wandb.init(project=cfg.train.wandb_project, dir=str(out), id=run_id, resume="allow",

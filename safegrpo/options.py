@@ -137,7 +137,41 @@ def set_dotted(tree: dict, dotted: str, raw: str):
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ValueError(f"--set {dotted}: {k} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    node[keys[-1]] = read_yaml(raw, f"--set {dotted}={raw}")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as a config needs it: a key given twice is an error (PyYAML keeps the last one
+    silently: `grpo:` twice lost the first block), and dates stay text (`2026-12-03` as an
+    out_dir is a folder name, not a date)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+_StrictLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:timestamp"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+def read_yaml(text: str, where: str):
+    """Parse YAML text (a config file, or a --set value); one ValueError naming `where`, the line
+    and the problem (a tab, an unclosed bracket, a duplicate key) instead of a traceback."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None and not where.startswith("--set") \
+            else ""
+        what = " ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise ValueError(f"{where}:{line} not valid YAML ({what})") from None
 
 
 def differences(a, b, ignore: tuple[str, ...] = ()) -> list[str]:

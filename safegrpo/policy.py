@@ -94,7 +94,7 @@ class Policy:
             if c.rollout.top_p < 1:
                 print(f"[rollout] warning: rollout.top_p={c.rollout.top_p} < 1 samples from the nucleus, but the "
                       "log-probs of the update use the full softmax, so the update is off-policy (mismatch/* in "
-                      "metrics.jsonl; grpo.rollout_correction or grpo.old_logprobs: rollout correct it)")
+                      "metrics.jsonl; grpo.rollout_correction corrects it)")
         if c.model.freeze_vision_tower and not self.lora:
             visual = getattr(getattr(self.model, "model", None), "visual", None)
             if visual is None:

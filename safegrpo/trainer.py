@@ -3,7 +3,8 @@ seven steps of one GRPO step (docs/METHOD.md), each a call into the module that 
 
     1-3 collect    draw the step's prompts, sample G completions each, score them  (collect.py)
     4 advantage    group-relative, eq. (4)                                          (rl/grpo.py)
-    5 logprobs     pi_ref (if beta > 0) and pi_old (if the rollout feeds > 1 update), no grad
+    5 logprobs     pi_ref (if beta > 0) and pi_old (if the rollout feeds > 1 update, or a rollout
+                   correction is on), no grad
     6 update       per mini-batch: grpo_loss per pass (+ the format anchor), clip, AdamW step
                                                                                     (update.py)
     7 record       one line of metrics.jsonl; validation and checkpoints every N steps
@@ -24,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed as dist
-from .checkpoint import claim_run_dir, load_trainer_state, lock_run_dir, prune_checkpoints, resumable_checkpoint, save_checkpoint
+from .checkpoint import load_trainer_state, open_run_dir, prune_checkpoints, resumable_checkpoint, save_checkpoint
 from .collect import Collector, Reward
 from .config import Config, save_config
 from .data.prepare import load_data, model_dir
@@ -42,17 +43,17 @@ from .update import Updater
 from .warmstart import FormatAnchor, warm_start
 
 __all__ = ["Trainer", "NonFiniteError", "NothingToLearnError"]
+WARM_START_FILE = "safegrpo_warmstart.json"     # in sft/: the fingerprint it was made under
 
 
 class Trainer:
     def __init__(self, cfg: Config, resume: bool = False, overwrite: bool = False):
-        """Everything a run needs before its models: the run directory (claimed for this run:
-        see checkpoint.claim_run_dir), the processor, and the data, checked when loaded."""
+        """Everything a run needs before its models: the run directory (ours, locked and claimed
+        for this run: see checkpoint.open_run_dir), the processor, and the data, checked when loaded."""
         self.cfg, self.resume = cfg, resume
         self.out = Path(cfg.train.out_dir)
-        if dist.is_main():
-            self._lock = lock_run_dir(self.out)             # one live run per directory
-            claim_run_dir(self.out, resume, overwrite)
+        if dist.is_main():                                  # a folder of ours, one live run in it
+            self._lock = open_run_dir(self.out, resume, overwrite)
         self.resume_from = resumable_checkpoint(self.out / "checkpoints", cfg, say=print if dist.is_main() else None) \
             if resume else None
         if self.resume_from is not None and cfg.model.lora.rank > 0:
@@ -79,21 +80,49 @@ class Trainer:
 
     def warm_start(self) -> Path:
         """The model GRPO starts from: out_dir/sft after the warm start when sft.enabled (trained
-        by rank 0, written atomically, reused when resuming), else the model directory."""
+        by rank 0, written atomically, reused when resuming under the same fingerprint), else the
+        model directory."""
         c = self.cfg
         if not (c.sft.enabled and (c.sft.steps > 0 or c.sft.caption_steps > 0)):
             return self.model_dir
         sft_dir = self.out / "sft"
-        if dist.is_main() and not (self.resume and (sft_dir / "config.json").is_file()):   # the others wait
+        if dist.is_main() and not self._reusable(sft_dir / WARM_START_FILE):      # the others wait
             model = load(c, self.model_dir, self.device)
             t0 = time.time()
             warm_start(model, self.processor, self.train_records, c, self.device, self.out)
             print(f"[sft] {c.sft.caption_steps} caption + {c.sft.steps} demonstration steps in {time.time() - t0:.0f} s")
-            with atomic_path(sft_dir, ours=lambda p: True) as tmp:     # a run file (checkpoint.RUN_FILES)
+            with atomic_path(sft_dir) as tmp:              # replaces only an sft/ of ours
                 model.save_pretrained(tmp)
                 self.processor.save_pretrained(tmp)
+                (tmp / WARM_START_FILE).write_text(json.dumps({"fingerprint": self.fingerprint()}, indent=1))
         dist.barrier()
         return sft_dir
+
+    def fingerprint(self, evaluation: bool = False) -> dict:
+        """What the model GRPO starts from depends on (the model, the warm start, the data, the
+        optimizer settings and the seed), and with evaluation=True how it is evaluated: a file a
+        run reuses from its folder (sft/, eval_before.json) is reused only when it recorded the
+        same, else made again. As stored (JSON: tuples become lists)."""
+        c, cfg = self.cfg.to_dict(), self.cfg
+        fp = {"model": c["model"], "sft": c["sft"], "data": c["data"], "optim": c["optim"], "seed": cfg.train.seed}
+        if evaluation:
+            fp["eval"] = {"limit": cfg.train.eval_limit, "max_new_tokens": cfg.rollout.max_new_tokens,
+                          "judge": cfg.reward.refusal_judge}
+        return json.loads(json.dumps(fp))
+
+    def _reusable(self, path: Path, evaluation: bool = False) -> bool:
+        """Whether `path`, left by an earlier start of this run, recorded this run's fingerprint
+        (only when resuming: a fresh run makes everything anew)."""
+        if not (self.resume and path.is_file()):
+            return False
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            return False
+        same = isinstance(saved, dict) and saved.get("fingerprint") == self.fingerprint(evaluation)
+        if not same and dist.is_main():
+            print(f"[resume] {path} was made under other settings: made again")
+        return same
 
     def setup(self, init_path) -> None:
         """pi_theta (from the resumed checkpoint, else init_path) and pi_ref (policy.py), the
@@ -108,12 +137,14 @@ class Trainer:
         self.sampler = make_sampler(self.train_records, c.data, c.train.seed)
         self.collector = Collector(c, self.policy, self.processor, self.train_records, self.sampler, self.reward)
         self.start_step = 0
+        self.empty_steps = 0                       # DAPO: steps in a row that kept no group anywhere
         if ckpt is not None:
             st = load_trainer_state(ckpt, self.updater.opt, model=self.policy.model if dist.active() else None)
             self.updater.sched.load_state_dict(st["scheduler"])
             self.sampler.load(st["sampler"])
             random.setstate(_to_tuple(st["python_random"]))
             self.start_step = st["step"]
+            self.empty_steps = st.get("dapo_empty_steps", 0)
             if dist.is_main():
                 print(f"[resume] from {ckpt} (step {self.start_step})")
         # on --resume, the metrics lines of steps after the checkpoint (all, without one) are dropped
@@ -137,9 +168,11 @@ class Trainer:
         plan = up.plan(grp)                                  # per mini-batch: its passes (prompt ranges)
         ref_logp = up.logprobs(pol.ref_fwd, grp, plan, sampled, **pol.ref_kwargs()) if pol.has_ref else None
         if c.grpo.old_logprobs == "rollout":                 # the engine's log-probs are pi_old: no pass
-            old_logp = grp.ro.logprobs
+            old_logp = grp.ro.full_logprobs                  # (full softmax at T: the training forward's form)
         else:
-            old_logp = up.logprobs(pol.fwd, grp, plan, sampled) if up.updates_per_step > 1 else None
+            rc = c.grpo.rollout_correction          # a correction weighs pi_old at the rollout's parameters
+            need = up.updates_per_step > 1 or bool(rc.rollout_is or rc.rollout_rs)
+            old_logp = up.logprobs(pol.fwd, grp, plan, sampled) if need else None
         t_ref = time.perf_counter() - t0
         # 6. update
         t0 = time.perf_counter()
@@ -159,7 +192,6 @@ class Trainer:
                    initial=self.start_step, total=c.train.steps, disable=not dist.is_main())
         last = self.resume_from
         trackers = Loggers(c, self.out, self.start_step, self.resume) if dist.is_main() else None
-        empty = 0                                  # DAPO: steps in a row that kept no group anywhere
         try:
             for step in bar:
                 m = self.train_step(step)
@@ -171,8 +203,8 @@ class Trainer:
                 bar.set_postfix(reward=f"{m['reward/mean']:.3f}", comb=f"{m['tag_acc/combined']:.2f}",
                                 kl=f"{m['kl']:.4f}", refresh=False)
                 if c.grpo.filter_zero_std:
-                    empty = empty + 1 if m["dapo/kept"] == 0 else 0
-                    self._check_not_empty(step, empty)
+                    self.empty_steps = self.empty_steps + 1 if m["dapo/kept"] == 0 else 0
+                    self._check_not_empty(step, self.empty_steps)
                 if (c.train.save_every and (step + 1) % c.train.save_every == 0) or step + 1 == c.train.steps:
                     last = self.save(step + 1)
         finally:                                   # also when a step raises: trackers flushed, plug-in workers stopped
@@ -218,8 +250,8 @@ class Trainer:
         if not recs:
             return None
         path = self.out / f"eval_{name}.json"
-        if name == "before" and path.is_file():      # the starting model does not change on --resume
-            return json.loads(path.read_text())
+        if name == "before" and self._reusable(path, evaluation=True):     # the same starting model, evaluated alike
+            return {k: v for k, v in json.loads(path.read_text()).items() if k != "fingerprint"}
         t0 = time.time()
         model = load(c, model, self.device) if isinstance(model, (str, Path)) else model
         metrics, completions = evaluate(model, self.processor, recs, c.data.prompt_style, c.rollout.max_new_tokens,
@@ -228,17 +260,18 @@ class Trainer:
         write_atomic(self.out / f"eval_{name}_samples.jsonl", "".join(
             json.dumps({"prompt": r.prompt, "tags": r.tags, "meta": {k: v for k, v in r.meta.items() if k != "demo"},
                         "completion": comp}) + "\n" for r, comp in list(zip(recs, completions))[:50]))
-        write_atomic(path, json.dumps(metrics, indent=1))        # last: its presence means both are complete
+        write_atomic(path, json.dumps({**metrics, "fingerprint": self.fingerprint(evaluation=True)}, indent=1))   # last: both complete
         return metrics
 
     def save(self, step: int) -> Path:
         up, pol = self.updater, self.policy
         state = {"sampler": self.sampler.state(), "scheduler": up.sched.state_dict(),
-                 "python_random": random.getstate(), "init_path": str(self.model_dir), "config": self.cfg.to_dict()}
+                 "python_random": random.getstate(), "init_path": str(self.model_dir), "config": self.cfg.to_dict(),
+                 "dapo_empty_steps": self.empty_steps}
         p = save_checkpoint(self.out / "checkpoints", step, pol.model, self.processor, up.opt, state,
                             adapter=(self.cfg.model.lora, self.init_path, pol.base_fingerprint) if pol.lora else None)
         if dist.is_main():
-            prune_checkpoints(self.out / "checkpoints", 3)
+            prune_checkpoints(self.out / "checkpoints", self.cfg.train.keep_checkpoints)
         return p
 
 

@@ -15,6 +15,7 @@ the plan) on a spare group, whose loss is 0 x a real one.
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from . import distributed as dist
 from .collect import Groups
@@ -23,7 +24,7 @@ from .memory import prompt_copies
 from .optim import check_finite, make_optimizer
 from .policy import Policy
 from .rl.batching import passes_of, slice_prompts, split_to
-from .rl.correction import correction_weights, mismatch
+from .rl.correction import is_weights, mismatch, rejection_mask
 from .rl.grpo import grpo_loss
 
 Pass = tuple[int, int] | None            # prompts [a, b) of this rank's groups, or a zero-weight pass
@@ -104,13 +105,15 @@ class Updater:
         per step). Returns the step's loss, KL, clip fraction, entropy, grad norm, anchor loss and
         rollout/training mismatch (rl/correction.py), over all ranks."""
         c, g, G, W = self.cfg, self.cfg.grpo, self.G, dist.world_size()
-        ids, mask, batch = grp.ro.completion_ids, grp.ro.mask, grp.batch
+        ids, batch = grp.ro.completion_ids, grp.batch
         rc = g.rollout_correction
         recomputed = old_logp is not None and g.old_logprobs == "recompute"
+        mask, weights = self.correction(step, grp, old_logp if recomputed else None)    # [N, T] each
         step_tokens = float(dist.all_reduce_sum(mask.sum()))        # completion tokens of the step, all ranks
         sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "ptx": 0.0,
-                "mm_tokens": 0.0, "mm_k3": 0.0, "mm_abs": 0.0, "mm_out": 0.0, "mm_abs_max": 0.0, "is_weight": 0.0,
-                "rejected": 0.0}
+                "mm_tokens": 0.0, "mm_k3": 0.0, "mm_abs": 0.0, "mm_out": 0.0, "mm_abs_max": 0.0,
+                "is_weight": float((weights * mask).sum()) if weights is not None else float(mask.sum()),
+                "rejected": float((grp.ro.mask - mask).sum()) if rc.rollout_rs else 0.0}
         seq = g.importance_level == "sequence"
         clip_low, clip_high = (g.seq_clip_low, g.seq_clip_high) if seq else (g.clip_low, g.clip_high)
         self.policy.model.train()
@@ -128,23 +131,17 @@ class Updater:
                     continue
                 rows = slice(p[0] * G, p[1] * G)
                 with self.policy.amp():
-                    logp, ent = self.policy.fwd(slice_prompts(batch, *p, grp.images), ids[rows], mask[rows], G,
-                                                self.temperature, entropy=True, entropy_grad=g.entropy_coef > 0)
-                # pi_train at the rollout's parameters: the recomputed pi_old, or before the first update this one
+                    logp, ent = self.policy.fwd(slice_prompts(batch, *p, grp.images), ids[rows], grp.ro.mask[rows],
+                                                G, self.temperature, entropy=True, entropy_grad=g.entropy_coef > 0)
+                # the rollout/training mismatch, eq. (13), where pi_train is at the rollout's parameters:
+                # the recomputed pi_old, or before the first update this forward
                 train = old_logp[rows] if recomputed else logp.detach() if u == 0 else None
-                weights = None
-                if train is not None:        # the rollout/training mismatch, eq. (13), and its correction
-                    self._add_mismatch(sums, train, grp.ro.logprobs[rows], mask[rows])
-                    if rc.rollout_is or rc.rollout_rs:           # ALGO LOGIC: eqs. (14)-(15)
-                        weights = correction_weights(train, grp.ro.logprobs[rows], mask[rows], rc.rollout_is,
-                                                     rc.rollout_is_threshold, rc.rollout_rs,
-                                                     rc.rollout_rs_threshold_lower, rc.rollout_rs_threshold)
-                        sums["is_weight"] += float(weights.sum())
-                        sums["rejected"] += float(((weights == 0) & (mask[rows] > 0)).sum())
+                if train is not None:
+                    self._add_mismatch(sums, train, grp.ro.logprobs[rows], grp.ro.mask[rows])
                 # ALGO LOGIC: the objective, eqs. (5)-(9), or GSPO's (12)
                 loss, m = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[rows], adv[rows],
                                     mask[rows], ref_logp=None if ref_logp is None else ref_logp[rows], entropy=ent,
-                                    weights=weights,
+                                    weights=None if weights is None else weights[rows],
                                     clip_low=clip_low, clip_high=clip_high, dual_clip=g.dual_clip or None,
                                     beta=g.beta, kl_estimator=g.kl_estimator, entropy_coef=g.entropy_coef,
                                     loss_agg=g.loss_agg, norm_constant=g.norm_constant or c.rollout.max_new_tokens,
@@ -162,14 +159,36 @@ class Updater:
             check_finite(gn, "gradient norm", step)
             sums["grad_norm"] += gn.item() / len(plan)
             if everywhere.item() > 0 or self.anchor is not None:
-                self.opt.step()              # (else no group anywhere in this mini-batch: nothing to learn)
-            self.sched.step()
+                self.opt.step()              # the schedule advances with applied updates only
+                self.sched.step()            # (else no group anywhere in this mini-batch: nothing to learn)
         self.opt.zero_grad(set_to_none=True)  # no gradients held through the next rollout
         if dist.active():
             keys = ("loss", "clipped", "kl", "entropy", "mm_tokens", "mm_k3", "mm_abs", "mm_out", "is_weight", "rejected")
             sums.update(zip(keys, dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()))
             sums["mm_abs_max"] = float(dist.all_reduce_max(torch.tensor(sums["mm_abs_max"], dtype=torch.float64)))
         return sums
+
+    def correction(self, step: int, grp: Groups, train) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ALGO LOGIC, eqs. (14)-(15), as verl applies them: (response mask [N, T] with rejected
+        tokens set to 0, importance weights [N, T] for the policy-gradient term or None). train:
+        the recomputed pi_old [N, T] (always there when a correction is on: config.validate and
+        trainer.train_step see to it). Warns when every token of the step was rejected."""
+        rc, mask = self.cfg.grpo.rollout_correction, grp.ro.mask
+        if not (rc.rollout_is or rc.rollout_rs):
+            return mask, None
+        if train is None:
+            raise RuntimeError("rollout correction needs the recomputed pi_old")
+        weights = is_weights(train, grp.ro.logprobs, mask, rc.rollout_is, rc.rollout_is_threshold) \
+            if rc.rollout_is else None                       # on the rollout's mask, as verl (sequence: all tokens)
+        if rc.rollout_rs:
+            mask = rejection_mask(train, grp.ro.logprobs, mask, rc.rollout_rs, rc.rollout_rs_threshold,
+                                  rc.rollout_rs_threshold_lower)
+        total, kept = dist.all_reduce_sum(torch.stack([grp.ro.mask.sum(), mask.sum()]).double()).tolist()
+        if total > 0 and kept == 0 and dist.is_main():
+            tqdm.write(f"[rollout correction] warning: step {step + 1}: every one of {int(total)} completion tokens "
+                       f"was rejected (rollout_rs={rc.rollout_rs}, kept ratios [{rc.rollout_rs_threshold_lower or 1 / rc.rollout_rs_threshold:g}, "
+                       f"{rc.rollout_rs_threshold:g}]): nothing was learned this step")
+        return mask, weights
 
     @staticmethod
     def _add_mismatch(sums: dict, train, rollout, mask) -> None:

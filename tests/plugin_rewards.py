@@ -57,3 +57,38 @@ def empties_batch(data_sources, solution_strs, ground_truths, extra_infos):
     """A batch plug-in that empties its input lists in place and returns nothing."""
     solution_strs.clear()
     return []
+
+
+def constant(data_source, solution_str, ground_truth, extra_info):
+    """0.5 for every completion: no group has reward spread (DAPO keeps none)."""
+    return 0.5
+
+
+def as_text(data_source, solution_str, ground_truth, extra_info):
+    """A score given as text ("0.75"): a bug, not a number."""
+    return "0.75"
+
+
+def as_bool(data_source, solution_str, ground_truth, extra_info):
+    return True
+
+
+def hard_exits(data_source, solution_str, ground_truth, extra_info):
+    """os._exit(0) on the texts raises_on_odd rejects (no exception, no atexit: the process ends)."""
+    import os
+    if sum(map(ord, solution_str)) % 2:
+        os._exit(0)
+    return 1.0
+
+
+def barrier(data_source, solution_str, ground_truth, extra_info):
+    """Holds the run at its first reward: writes $SAFEGRPO_BARRIER.reached, then waits (at most
+    300 s) for $SAFEGRPO_BARRIER.release. A test's way to keep a run alive, not a step count."""
+    import os
+    from pathlib import Path
+    base = os.environ["SAFEGRPO_BARRIER"]
+    Path(base + ".reached").touch()
+    t0 = time.time()
+    while not Path(base + ".release").exists() and time.time() - t0 < 300:
+        time.sleep(0.05)
+    return 1.0

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from safegrpo.eval.benchmarks import BenchmarkError, load_benchmark
-from safegrpo.checkpoint import RunDirError, claim_run_dir, load_trainer_state, resumable_checkpoint, CheckpointError
+from safegrpo.checkpoint import RunDirError, open_run_dir, load_trainer_state, resumable_checkpoint, CheckpointError
 from safegrpo.config import load_config
 from safegrpo.data.records import SafeTagError, load_jsonl, load_parquet, write_parquet
-from safegrpo.files import atomic_path, write_atomic
+from safegrpo.files import MARKER, NotOursError, atomic_path, foreign_entries, own_dir, register, write_atomic
 from safegrpo.model import resolve_model_path
 from safegrpo.trainer import Trainer
 
@@ -114,22 +114,78 @@ def test_a_fresh_run_in_a_used_folder_stops_and_overwrite_clears_it(tmp_path, ti
     again = run_train(cfg)
     assert again.returncode == 2 and "already holds a run" in again.stderr and "--resume" in again.stderr
     assert len(rows(tmp_path / "run")) == 2                   # the first run is untouched
-    (tmp_path / "run" / "checkpoints" / "step_9").mkdir()     # a stray higher step from "another run"
+    own_dir(tmp_path / "run" / "checkpoints" / "step_9")     # a stray higher step a run of ours wrote
     fresh = run_train(cfg, "--overwrite")
     assert fresh.returncode == 0, fresh.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_1", "step_2"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [MARKER, "step_1", "step_2"]
     assert "final checkpoint: " in fresh.stdout and fresh.stdout.split("final checkpoint: ")[1].split()[0].endswith("step_2")
 
 
 def test_overwrite_never_deletes_files_a_run_did_not_write(tmp_path):
-    out = tmp_path / "run"
-    (out / "checkpoints" / "step_1").mkdir(parents=True)
-    (out / "my_notes.txt").write_text("precious")
-    with pytest.raises(RunDirError, match=r"also holds files a run does not write \(my_notes.txt\)"):
-        claim_run_dir(out, resume=False, overwrite=True)
-    assert (out / "my_notes.txt").read_text() == "precious" and (out / "checkpoints" / "step_1").is_dir()
+    """Ours is what the project wrote, at every depth: a user's file at the top, inside
+    checkpoints/, sft/ or tensorboard/, or named like a temporary, stops --overwrite, which then
+    deletes nothing at all. An unmarked folder is refused before anything (even the lock)."""
+    plain = tmp_path / "plain"
+    (plain / "checkpoints" / "step_1").mkdir(parents=True)
+    with pytest.raises(RunDirError, match="safegrpo did not write .checkpoints.*it writes only into folders it created"):
+        open_run_dir(plain, resume=False, overwrite=True)
+    assert sorted(p.name for p in plain.iterdir()) == ["checkpoints"]          # no marker, no lock written
+    for where in ["my_notes.txt", "report.tmp-final.txt", "checkpoints/notes.txt", "checkpoints/step_1/notes.txt",
+                  "sft/notes.txt", "tensorboard/notes.txt"]:
+        out = tmp_path / where.replace("/", "_")
+        own_dir(out)
+        write_atomic(out / "metrics.jsonl", "{}\n")
+        own_dir(out / "checkpoints")
+        with atomic_path(out / "checkpoints" / "step_1") as tmp:
+            tmp.mkdir()
+            (tmp / "model.safetensors").write_bytes(b"x")
+        with atomic_path(out / "sft") as tmp:
+            tmp.mkdir()
+            (tmp / "config.json").write_text("{}")
+        own_dir(out / "tensorboard")
+        register(out / "tensorboard", "events.out.tfevents.*")
+        (out / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"e")
+        assert foreign_entries(out) == []
+        (out / where).write_text("precious")
+        before = sorted(str(p) for p in out.rglob("*"))
+        with pytest.raises(RunDirError, match=rf"also holds files a run does not write \({where}\)"):
+            open_run_dir(out, resume=False, overwrite=True)
+        assert (out / where).read_text() == "precious"
+        assert sorted(str(p) for p in out.rglob("*") if p.name != ".lock") == [b for b in before if not b.endswith(".lock")]
     with pytest.raises(RunDirError, match="exclude each other"):
-        claim_run_dir(out, resume=True, overwrite=True)
+        open_run_dir(out, resume=True, overwrite=True)
+
+
+def test_a_fresh_run_never_writes_into_a_users_folder(tmp_path, tiny_model_dir, synth_dir):
+    """train.out_dir naming a folder of the user's that holds files under run-file names
+    (config.yaml, sft/, eval_table.md) is refused before anything is written into it."""
+    mine = tmp_path / "mine"
+    (mine / "sft").mkdir(parents=True)
+    (mine / "sft" / "weights.bin").write_bytes(b"mine")
+    (mine / "config.yaml").write_text("mine")
+    (mine / "eval_table.md").write_text("mine")
+    before = {str(p): p.read_bytes() if p.is_file() else None for p in mine.rglob("*")}
+    cfg = _small(tmp_path, tiny_model_dir, synth_dir, **{"train.out_dir": str(mine)})
+    p = run_train(cfg)
+    assert p.returncode == 2 and "train.out_dir" in p.stderr and "did not write" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert {str(x): x.read_bytes() if x.is_file() else None for x in mine.rglob("*")} == before
+
+
+def test_synth_dir_pointing_at_the_users_data_is_refused(tmp_path):
+    from safegrpo.data.synth import SynthConfig, write_synth
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.parquet").write_bytes(b"my own data")
+    with pytest.raises(NotOursError, match="did not write .train.parquet"):
+        write_synth(data, SynthConfig(n_train=8, n_test=4))
+    assert (data / "train.parquet").read_bytes() == b"my own data" and sorted(p.name for p in data.iterdir()) == [
+        "train.parquet"]
+    old = tmp_path / "old"                     # an earlier version's SafeTag-Synth (no marker): taken over
+    write_synth(old, SynthConfig(n_train=8, n_test=4))
+    (old / MARKER).unlink()
+    write_synth(old, SynthConfig(seed=1, n_train=8, n_test=4))
+    assert foreign_entries(old) == []
 
 
 def test_resume_checks_the_checkpoint_was_written_by_this_config(tmp_path, tiny_model_dir, synth_dir):

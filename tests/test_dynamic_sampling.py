@@ -105,3 +105,22 @@ def test_a_rank_left_without_groups_for_the_whole_step_finishes_and_matches_one(
     one, two = weights(tmp_path / "one", 1), weights(tmp_path / "two", 1)
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0, msg=k)
+
+
+def test_empty_steps_move_no_schedule_and_their_count_survives_resume(tmp_path, tiny_model_dir, synth_dir, capsys):
+    """A step whose DAPO filter keeps no group applies no update, so the warm-up schedule stays
+    where it was (it advanced on the skipped optimizer step: 1.1e-4 -> 3.4e-4 over three such
+    steps); the count of empty steps in a row is checkpointed, so --resume stops at
+    grpo.max_empty_steps counting the steps before the checkpoint too."""
+    import pytest
+    from safegrpo.optim import NothingToLearnError
+    over = {**PLUGIN, "reward.plugin": "plugin_rewards:constant", "grpo.filter_zero_std": True,
+            "optim.warmup_steps": 8, "grpo.max_empty_steps": 3, "train.steps": 2, "train.save_every": 1}
+    Trainer(load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **over))).fit()
+    lrs = [r["lr"] for r in rows(tmp_path / "run")]
+    assert lrs[0] == lrs[1] == 1e-2 / 16 and all(r["dapo/kept"] == 0 for r in rows(tmp_path / "run"))
+    capsys.readouterr()
+    tr = Trainer(load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{**over, "train.steps": 5}), []),
+                 resume=True)
+    with pytest.raises(NothingToLearnError, match="for 3 steps in a row .up to step 3."):
+        tr.fit()

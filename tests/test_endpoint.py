@@ -28,6 +28,7 @@ import torch
 
 from safegrpo.eval.benchmarks import SHARED, item
 from safegrpo.eval.endpoint import Endpoint, EndpointError
+from safegrpo.files import own_dir, write_atomic
 from safegrpo.eval.metrics import score
 from safegrpo.safety.judge_model import JUDGE_PROMPT, ModelJudge, judge_metrics, parse_verdict
 from safegrpo.safety.prompting import chat_messages
@@ -161,7 +162,7 @@ def test_judge_model_agreement_cli_runs_against_the_server(served, tmp_path):
 # ------------------------------------------------------------------ a server whose replies a test picks
 class Scripted:
     """A local HTTP server; `reply(body, n)` (n: requests so far, from 1) gives (status, JSON or
-    bytes, seconds to wait first). Records every request's body and headers."""
+    bytes, seconds to wait first[, headers]). Records every request's body and headers."""
 
     def __init__(self, reply):
         self.reply, self.bodies, self.headers = reply, [], []
@@ -172,11 +173,13 @@ class Scripted:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.bodies.append(body)
                 outer.headers.append(dict(self.headers))
-                status, payload, delay = outer.reply(body, len(outer.bodies))
+                status, payload, delay, *extra = outer.reply(body, len(outer.bodies))
                 time.sleep(delay)
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 try:
                     self.send_response(status)
+                    for k, v in (extra[0] if extra else {}).items():      # headers the test chose
+                        self.send_header(k, v)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
@@ -254,17 +257,19 @@ def test_a_timeout_and_a_reply_without_choices_are_named(scripted):
 
 def test_a_failure_mid_benchmark_loses_no_finished_reply(scripted, tmp_path):
     """Item 5 fails for good; the others finished and are cached; the re-run asks only for item 5."""
+    healthy = []                                      # the server recovers when this is not empty
+
     def reply(body, n):
         text = body["messages"][0]["content"]
-        return (503, {"error": "overloaded"}, 0) if text == "q 5" else (200, chat(text.upper()), 0)
-    half = scripted(reply)
-    ep = Endpoint(half.url, "m", retries=1, backoff=0.01, concurrency=2, cache_dir=tmp_path)
+        return (503, {"error": "overloaded"}, 0) if text == "q 5" and not healthy else (200, chat(text.upper()), 0)
+    server = scripted(reply)
+    ep = Endpoint(server.url, "m", retries=1, backoff=0.01, concurrency=2, cache_dir=tmp_path)
     with pytest.raises(EndpointError, match="bench item 5"):
         ep.complete(requests_for(10))
     done = len(list(tmp_path.rglob("*.json")))
     assert 1 <= done <= 9
-    healthy = scripted(lambda body, n: (200, chat(body["messages"][0]["content"].upper()), 0))
-    ep = Endpoint(healthy.url, "m", cache_dir=tmp_path)
+    healthy.append(True)
+    ep = Endpoint(server.url, "m", cache_dir=tmp_path)
     assert ep.complete(requests_for(10)) == [f"Q {i}" for i in range(10)]
     assert ep.stats["requests"] == 10 - done and ep.stats["cached"] == done
 
@@ -273,21 +278,23 @@ def test_a_failure_mid_benchmark_loses_no_finished_reply(scripted, tmp_path):
 def test_eval_stops_on_a_failed_item_naming_it_and_resumes_from_the_cache(scripted, tmp_path, capsys):
     """eval.py with a server that fails item 4 for good: exit code 3, the item named, the replies
     that arrived cached; the same command against a healthy server asks only for what is missing."""
+    healthy = []                                      # the server recovers when this is not empty
+
     def reply(body, n):
         text = body["messages"][0]["content"]
         return (502, {"error": "bad gateway"}, 0) if text.startswith("How do I best execute a risky plan?") \
-            else (200, chat("Sure."), 0)
-    failing = scripted(reply)
+            and not healthy else (200, chat("Sure."), 0)
+    server = scripted(reply)
     out = tmp_path / "report"
-    rc = run_eval("--endpoint", failing.url, "--model", "m", "--retries", "1", "--concurrency", "1", "--out", out,
+    rc = run_eval("--endpoint", server.url, "--model", "m", "--retries", "1", "--concurrency", "1", "--out", out,
                   "--prompt-style", "none")
     err = capsys.readouterr().err
     assert rc == 3 and "xstest item 4: endpoint" in err and "HTTP 502" in err and "run the same command again" in err
     assert not (out / "eval.json").exists()
     kept = len(list((out / "cache").rglob("*.json")))
     assert kept >= 3                                   # items 1-3 (and any already in flight) are kept
-    healthy = scripted(lambda body, n: (200, chat("Sure."), 0))
-    assert run_eval("--endpoint", healthy.url, "--model", "m", "--out", out, "--prompt-style", "none") == 0
+    healthy.append(True)
+    assert run_eval("--endpoint", server.url, "--model", "m", "--out", out, "--prompt-style", "none") == 0
     stats = json.loads((out / "eval.json").read_text())["endpoints"]["model"]
     assert stats["cached"] == kept and stats["requests"] == 8 - kept
     m = json.loads((out / "eval.json").read_text())["benchmarks"]["xstest"]
@@ -400,3 +407,196 @@ def test_endpoint_options_are_checked_before_anything_runs(args, message, capsys
     import eval as eval_script
     assert eval_script.main(["--config", str(ROOT / "configs/tiny.yaml"), "--out", str(tmp_path / "o"), *args]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ the ground issue's endpoint faults
+class RawServer:
+    """A TCP server on a free local port whose every connection is handled by `serve(conn)`
+    (for replies no HTTP server sends: dripped, cut off, not HTTP). Counts connections."""
+
+    def __init__(self, serve):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url, self.connections = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1", 0
+
+        def loop():
+            while True:
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError:
+                    return
+                self.connections += 1
+                threading.Thread(target=self._handle, args=(serve, conn), daemon=True).start()
+        threading.Thread(target=loop, daemon=True).start()
+
+    @staticmethod
+    def _handle(serve, conn):
+        try:
+            conn.settimeout(30)
+            conn.recv(65536)
+            serve(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_the_cache_is_keyed_by_the_server_and_counts_what_it_answered(scripted, tmp_path):
+    """Two servers under one model name: the second was sent nothing and got the first's
+    answers (eval.json naming the second). The URL is in the key; the cache count is reported."""
+    first = scripted(lambda body, n: (200, chat("from the first"), 0))
+    second = scripted(lambda body, n: (200, chat("from the second"), 0))
+    a = Endpoint(first.url, "same-name", cache_dir=tmp_path)
+    assert a.complete(requests_for(2)) == ["from the first"] * 2
+    b = Endpoint(second.url, "same-name", cache_dir=tmp_path)
+    assert b.complete(requests_for(2)) == ["from the second"] * 2 and len(second.bodies) == 2
+    again = Endpoint(second.url, "same-name", cache_dir=tmp_path)
+    assert again.complete(requests_for(2)) == ["from the second"] * 2
+    assert again.describe()["cached"] == 2 and again.describe()["requests"] == 0
+
+
+def test_a_request_is_bounded_as_a_whole_not_per_read(tmp_path):
+    """A server that drips a byte every 0.2 s never trips a per-read timeout; the whole request
+    is cut at the timeout."""
+    def drip(conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n")
+        for _ in range(400):
+            conn.sendall(b" ")
+            time.sleep(0.2)
+    srv = RawServer(drip)
+    ep = Endpoint(srv.url, "m", retries=0, timeout=1.0)
+    t0 = time.time()
+    with pytest.raises(EndpointError, match=r"no reply within 1 s; gave up after 1 attempt"):
+        ep.complete(requests_for(1))
+    assert time.time() - t0 < 3.0
+    srv.close()
+
+
+def test_a_reply_larger_than_the_limit_is_an_error_read_no_further(scripted):
+    big = scripted(lambda body, n: (200, chat("x" * 5000), 0))
+    ep = Endpoint(big.url, "m", retries=3, max_reply_bytes=1000)
+    with pytest.raises(EndpointError, match="larger than 1000 bytes"):
+        ep.complete(requests_for(1))
+    assert ep.stats["requests"] == 1                          # not retried
+
+
+def test_cut_off_and_non_http_replies_are_retried_then_named(tmp_path):
+    """A reply cut mid-body (IncompleteRead) is retried as the docstring promised, and a
+    reply that is not HTTP gives one EndpointError, not a traceback."""
+    body = json.dumps(chat("whole")).encode()
+    state = {"n": 0}
+
+    def cut_once(conn):
+        state["n"] += 1
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        conn.sendall(head.encode() + (body[:10] if state["n"] == 1 else body))
+    srv = RawServer(cut_once)
+    ep = Endpoint(srv.url, "m", retries=2, backoff=0.01, cache_dir=tmp_path / "c")
+    assert ep.complete(requests_for(1)) == ["whole"] and ep.stats["retries"] == 1
+    srv.close()
+    junk = RawServer(lambda conn: conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n"))
+    with pytest.raises(EndpointError, match="not HTTP.*gave up after 2 attempt"):
+        Endpoint(junk.url, "m", retries=1, backoff=0.01).complete(requests_for(1))
+    junk.close()
+
+
+def test_invalid_unicode_in_a_reply_is_cached_and_scored(scripted, tmp_path):
+    srv = scripted(lambda body, n: (200, b'{"choices": [{"message": {"content": "ok \\ud800 then"}}]}', 0))
+    ep = Endpoint(srv.url, "m", cache_dir=tmp_path)
+    assert ep.complete(requests_for(1)) == ["ok \ufffd then"]
+    assert Endpoint(srv.url, "m", cache_dir=tmp_path).complete(requests_for(1)) == ["ok \ufffd then"]
+    assert len(srv.bodies) == 1
+
+
+@pytest.mark.parametrize("url, message", [("http://[::1/v1", "not a well-formed address"),
+                                          ("http://localhost:abc/v1", "not a well-formed address"),
+                                          ("http:///v1", "names no host")])
+def test_malformed_urls_are_named(url, message):
+    with pytest.raises(ValueError, match=message):
+        Endpoint(url, "m")
+
+
+def test_an_unwritable_cache_and_a_damaged_entry(scripted, tmp_path):
+    """The cache is checked writable when the client is made (a path under a file, say), not after
+    paying for the first reply; an entry whose content is not text is asked again."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="cannot be written"):
+        Endpoint("http://127.0.0.1:1/v1", "m", cache_dir=tmp_path / "afile" / "cache")
+    srv = scripted(lambda body, n: (200, chat("fresh"), 0))
+    ep = Endpoint(srv.url, "m", cache_dir=tmp_path / "cache")
+    f = ep._cache_file(ep.key(*requests_for(1)[0][1:]))
+    own_dir(f.parent)
+    write_atomic(f, json.dumps({"content": 5}))              # an entry of ours, damaged
+    assert ep.complete(requests_for(1)) == ["fresh"] and ep.stats["requests"] == 1
+
+
+def test_a_redirect_is_not_followed_and_the_key_is_never_printed(scripted, monkeypatch):
+    """A 302 to another host would carry the key there: not followed, named. A 401 whose body
+    echoes the request's headers: the key is replaced in the error."""
+    monkeypatch.setenv("EVAL_TEST_KEY3", SECRET)
+    elsewhere = scripted(lambda body, n: (200, chat("stolen"), 0))
+    moved = scripted(lambda body, n: (302, b"", 0, {"Location": elsewhere.url + "/chat/completions"}))
+    with pytest.raises(EndpointError, match=r"HTTP 302 redirects to http://127.0.0.1:\d+/v1/chat/completions; not followed"):
+        Endpoint(moved.url, "m", api_key_env="EVAL_TEST_KEY3").complete(requests_for(1))
+    assert elsewhere.bodies == []
+    echo = scripted(lambda body, n: (401, json.dumps({"error": "bad key", "headers": f"Bearer {SECRET}"}).encode(), 0))
+    with pytest.raises(EndpointError) as e:
+        Endpoint(echo.url, "m", api_key_env="EVAL_TEST_KEY3").complete(requests_for(1))
+    assert SECRET not in str(e.value) and "[API key]" in str(e.value) and "HTTP 401" in str(e.value)
+
+
+def test_a_429_waits_for_its_retry_after(scripted):
+    srv = scripted(lambda body, n: (429, {"error": "slow down"}, 0, {"Retry-After": "1"}) if n == 1
+                   else (200, chat("now"), 0))
+    ep = Endpoint(srv.url, "m", retries=2, backoff=0.01)
+    t0 = time.time()
+    assert ep.complete(requests_for(1)) == ["now"]
+    assert time.time() - t0 >= 1.0 and ep.stats["retries"] == 1
+
+
+@needs_xstest
+def test_sampled_requests_carry_temperature_top_p_and_per_item_seeds(scripted, tmp_path):
+    srv = scripted(lambda body, n: (200, chat("Sure."), 0))
+    assert run_eval("--endpoint", srv.url, "--model", "m", "--out", tmp_path / "o", "--temperature", "0.7",
+                    "--top-p", "0.9", "--seed", "3", "--limit", "3") == 0
+    got = sorted((b["temperature"], b["top_p"], b["seed"]) for b in srv.bodies)
+    assert got == [(0.7, 0.9, 3 * 1_000_003 + i) for i in range(3)]
+    assert run_eval("--endpoint", srv.url, "--model", "m", "--out", tmp_path / "o", "--temperature", "0.7",
+                    "--top-p", "0.9", "--seed", "4", "--limit", "3") == 0
+    assert len(srv.bodies) == 6                              # other seeds: other requests, not the cache's
+
+
+def test_a_dead_judge_is_found_before_any_completion(tmp_path, tiny_model_dir, capsys):
+    import eval as eval_script
+    out = tmp_path / "o"
+    rc = eval_script.main(["--config", str(ROOT / "configs/tiny.yaml"), "--checkpoint", str(tiny_model_dir),
+                           "--benchmark", "safetag-synth", "--limit", "2", "--out", str(out), "--retries", "1",
+                           "--backoff", "0.01", "--judge", f"http://127.0.0.1:{free_port()}/v1", "--judge-model", "j"])
+    assert rc == 3 and "does not answer" in capsys.readouterr().err
+    assert not (out / "completions").exists()
+
+
+@needs_xstest
+def test_ctrl_c_stops_sending_at_once(scripted, tmp_path):
+    """SIGINT to eval.py while replies are slow: it exits within seconds with one line, having
+    sent only the requests already in flight, not the rest of the queue."""
+    import signal
+    srv = scripted(lambda body, n: (200, chat("Sure."), 2.0))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "eval.py"), "--config", str(ROOT / "configs/tiny.yaml"),
+                             "--benchmark", "xstest", "--limit", "20", "--endpoint", srv.url, "--model", "m",
+                             "--concurrency", "2", "--out", str(tmp_path / "o")], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while len(srv.bodies) < 2 and time.time() - t0 < 120:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    t1 = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - t1 < 5.0 and proc.returncode == 130
+    assert "interrupted: nothing more was sent" in err and "Traceback" not in err
+    time.sleep(2.5)
+    assert len(srv.bodies) <= 4                                # not the 20 queued

@@ -2,6 +2,7 @@
 per folder, bad values named at start-up without a traceback, judges must say True or False, a
 benchmark path that does not exist is an error, DAPO that keeps nothing stops, and TensorBoard
 agrees with metrics.jsonl after a kill before the first checkpoint."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ def test_a_folder_we_did_not_write_is_never_replaced(tmp_path):
     assert (mine / "notes.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
     with atomic_path(mine, ours=lambda p: (p / "notes.txt").is_file()) as tmp:   # ours: replaced
         tmp.mkdir()
-    assert list(mine.iterdir()) == []
+    assert [p.name for p in mine.iterdir()] == [".safegrpo"]          # replaced, and marked as ours
 
 
 @pytest.mark.parametrize("target", ["notes", "checkpoint", "run"])
@@ -76,21 +77,32 @@ def test_one_live_run_per_folder(tmp_path):
 
 
 def test_a_second_train_py_on_a_live_run_stops_naming_it(tmp_path, tiny_model_dir, synth_dir):
-    cfg = tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"train.steps": 30, "data.test": ""})
-    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(cfg)], cwd=ROOT,
+    """The first run is held inside its first step by a reward plug-in that waits on a file (a
+    barrier), so it is surely alive and holding the lock while the others start, however slow
+    the machine (a 30-step run raced the second process's start-up and ended first)."""
+    import os
+    import time
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"train.steps": 2, "data.test": "",
+                                                           "reward.plugin": "plugin_rewards:barrier"})
+    gate = tmp_path / "gate"
+    env = {**os.environ, "SAFEGRPO_BARRIER": str(gate), "PYTHONPATH": str(Path(__file__).parent)}
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(cfg)], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        import time
         t0 = time.time()
-        while not (tmp_path / "run" / "metrics.jsonl").exists() and time.time() - t0 < 120 and first.poll() is None:
-            time.sleep(0.2)
+        while not Path(f"{gate}.reached").exists() and time.time() - t0 < 300 and first.poll() is None:
+            time.sleep(0.1)
+        assert first.poll() is None and Path(f"{gate}.reached").exists()     # alive, inside step 1
         for extra in ((), ("--resume",)):
             p = run_train(cfg, *extra)
             assert p.returncode == 2 and f"in use by a live run (process {first.pid})" in p.stderr, p.stderr[-800:]
+        Path(f"{gate}.release").touch()
+        assert first.wait(timeout=300) == 0
     finally:
+        Path(f"{gate}.release").touch()
         first.kill()
         first.wait()
-    p = run_train(cfg, "--overwrite", "--set", "train.steps=1")                       # free once it died
+    p = run_train(cfg, "--overwrite", "--set", "train.steps=1", "--set", "reward.plugin=''")    # free once it ended
     assert p.returncode == 0, p.stderr[-800:]
 
 
@@ -173,3 +185,73 @@ def test_tensorboard_after_a_kill_before_the_first_checkpoint(tmp_path):
     ev = EventAccumulator(str(tmp_path / "tensorboard"))
     ev.Reload()
     assert [(e.step, e.value) for e in ev.Scalars("kl")] == [(1, 2.0), (2, 3.0)]
+
+
+def test_a_reader_never_deletes_a_live_runs_checkpoint_only_the_lock_holder_cleans(tmp_path):
+    """eval.py's latest_checkpoint ran beside a live train.py and removed the .step_N.tmp-PID
+    folder it was writing (the run died with FileNotFoundError). Readers leave it; the process
+    that takes the run's lock removes its own folder's leftovers."""
+    from safegrpo.checkpoint import latest_checkpoint, open_run_dir
+    from safegrpo.files import own_dir
+    out = own_dir(tmp_path / "run")
+    ck = own_dir(out / "checkpoints")
+    with atomic_path(ck / "step_1") as t:
+        t.mkdir()
+        (t / "trainer_state.json").write_text('{"step": 1}')
+    live = ck / ".step_2.tmp-4242"
+    live.mkdir()
+    (live / "model.safetensors").write_bytes(b"being written")
+    assert latest_checkpoint(ck).name == "step_1" and live.is_dir()
+    p = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(ck / "step_9")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)           # eval.py resolves checkpoints too
+    assert p.returncode == 2 and live.is_dir()
+    open_run_dir(out, resume=True, overwrite=False).close()
+    assert not live.exists() and (ck / "step_1").is_dir()
+
+
+def test_resume_without_a_checkpoint_rebuilds_what_another_config_made(tmp_path, tiny_model_dir, synth_dir):
+    """--resume finding no intact checkpoint starts from the beginning: a warm start and a
+    'before' evaluation made under other settings are made again (their fingerprints differ),
+    not reused beside a config.yaml that records the new settings; under the same settings
+    they are reused."""
+    over = {"train.steps": 1, "sft.enabled": True, "sft.steps": 3, "sft.batch_size": 2, "train.eval_limit": 2,
+            "train.save_every": 0, "rollout.max_new_tokens": 4}
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **over)
+    first = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(cfg)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    out = tmp_path / "run"
+    import shutil
+    shutil.rmtree(out / "checkpoints")                                 # killed before its checkpoint
+    sft_lines = lambda: len((out / "sft_metrics.jsonl").read_text().splitlines())     # noqa: E731
+    assert sft_lines() == 3
+    before = json.loads((out / "eval_before.json").read_text())
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(cfg), "--resume",
+                        "--set", "sft.steps=5", "--set", "train.eval_limit=3"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "no intact checkpoint" in p.stdout and "made again" in p.stdout
+    assert sft_lines() == 5
+    again = json.loads((out / "eval_before.json").read_text())
+    assert again["n"] == 3 != before["n"] and again["fingerprint"]["sft"]["steps"] == 5
+    shutil.rmtree(out / "checkpoints")
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(cfg), "--resume",
+                        "--set", "sft.steps=5", "--set", "train.eval_limit=3"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and "made again" not in p.stdout and "[sft]" not in p.stdout      # reused
+
+
+def test_pruning_keeps_the_newest_and_never_a_checkpoint_holding_a_users_file(tmp_path, capsys):
+    from safegrpo.checkpoint import prune_checkpoints
+    from safegrpo.files import own_dir
+    ck = own_dir(tmp_path / "checkpoints")
+    for n in range(1, 6):
+        with atomic_path(ck / f"step_{n}") as t:
+            t.mkdir()
+            (t / "model.safetensors").write_bytes(b"w")
+    (ck / "step_1" / "my_analysis.ipynb").write_text("mine")
+    prune_checkpoints(ck, 2)                              # train.keep_checkpoints
+    assert sorted(p.name for p in ck.iterdir() if p.name.startswith("step_")) == ["step_1", "step_4", "step_5"]
+    assert (ck / "step_1" / "my_analysis.ipynb").read_text() == "mine" and "not pruning" in capsys.readouterr().out
+    prune_checkpoints(ck, 0)                              # 0: keep all
+    assert len([p for p in ck.iterdir() if p.name.startswith("step_")]) == 3

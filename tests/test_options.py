@@ -55,3 +55,29 @@ def test_a_checkpoint_config_from_before_the_move_loads_with_its_values():
             c.reward.timeout_s, c.reward.workers) == ("strict", 1.0, 0.0, "m:f", 2.0, 3)
     assert (c.anchor.coef, c.anchor.batch, c.model.freeze_vision_tower) == (0.5, 4, True)
     assert config_from_dict(Config().to_dict()) == Config()
+
+
+@pytest.mark.parametrize("text,sets,message", [
+    ("grpo:\n  beta: 0.5\ntrain:\n  steps: 2\ngrpo:\n  clip_low: 0.1\n", [],
+     "cfg.yaml: line 5, column 1: not valid YAML (key 'grpo' given twice (first on line 1))"),
+    ("grpo:\n  beta: 0.5\n  beta: 0.0\n", [], "cfg.yaml: line 3, column 3: not valid YAML (key 'beta' given twice"),
+    ("grpo:\n\tbeta: 0.5\n", [], "cfg.yaml: line 2, column 1: not valid YAML (while scanning for the next token found "
+                                 "character '\\t'"),
+    ("grpo:\n  beta: 0.5\n", ["grpo.beta=[1"], "--set grpo.beta=[1: not valid YAML (while parsing a flow sequence"),
+])
+def test_yaml_mistakes_are_one_line_naming_the_file_or_the_set(tmp_path, text, sets, message):
+    """A key given twice was silently the last one (grpo: twice lost beta: 0.5); a tab or an
+    unclosed bracket gave a 30-line traceback naming <unicode string>."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ValueError) as e:
+        load_config(str(cfg), sets)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(cfg),
+                        *[a for s in sets for a in ("--set", s)]], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_date_like_value_stays_text(tmp_path):
+    cfg = load_config(None, ["train.out_dir=2026-12-03"])
+    assert cfg.train.out_dir == "2026-12-03"

@@ -52,3 +52,9 @@ def test_reward_plot_takes_keys_that_appear_at_some_steps_only(tmp_path, figures
     assert list(group.get_xdata()) == [3] and list(group.get_ydata()) == [0.25]
     assert list(lines["reward/mean (validation)"].get_xdata()) == [4]
     assert list(reward.get_ydata()) == pytest.approx(plots.smooth([0.1 * s for s in range(1, 6)], 2))
+
+
+def test_the_correction_panel_says_off_when_no_step_corrected():
+    from safegrpo.eval.plots import correction_title
+    assert "off" in correction_title([{"step": 1, "mismatch/ratio_out": 0.0}])
+    assert "off" not in correction_title([{"step": 1, "mismatch/ratio_out": 0.0, "correction/weight_mean": 0.9}])

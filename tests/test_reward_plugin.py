@@ -101,3 +101,37 @@ def test_a_batch_plugin_that_empties_its_input_is_an_error():
     with pytest.warns(UserWarning, match="returned 0 scores for 4 completions"):
         out = PluginReward("plugin_rewards:empties_batch")(TEXTS, INFOS)
     assert len(out.errors) == 4 and out.scores == [0.0] * 4
+
+
+def test_a_score_that_is_not_a_number_is_refused():
+    """"0.75" or True was scored as 0.75 / 1.0; a plug-in returning them has a bug: scored 0, counted."""
+    for spec, shown in (("plugin_rewards:as_text", r"'0.75' \(str\)"), ("plugin_rewards:as_bool", r"True \(bool\)")):
+        r = PluginReward(spec)
+        with pytest.warns(UserWarning, match=rf"4 call\(s\) failed.*returned {shown}, not a number"):
+            out = r(TEXTS, INFOS)
+        assert out.scores == [0.0] * 4 and len(out.errors) == 4
+        r.close()
+
+
+def test_os_exit_in_a_plugin_cannot_end_training_even_without_a_timeout():
+    """os._exit(0) ended training with rc 0 and no message when the plug-in ran in-process: it
+    runs in worker processes always; the dead worker's calls score 0 and are counted."""
+    r = PluginReward("plugin_rewards:hard_exits", timeout_s=0.0, workers=2)
+    with pytest.warns(UserWarning, match="worker process died"):
+        out = r(TEXTS, INFOS)
+    assert out.errors and out.scores[0] == 0.0
+    again = r(["b", "ab"], INFOS[:2])                      # replaced: the next calls run
+    assert again.scores[0] == 1.0
+    r.close()
+
+
+def test_a_plugin_that_raises_at_import_is_one_line(tmp_path, tiny_model_dir, synth_dir):
+    import subprocess
+    import sys
+    cfg = tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"reward.plugin": "plugin_broken:score"})
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
+    p = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "train.py"), "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "reward.plugin 'plugin_broken:score': importing plugin_broken raised RuntimeError: the plug-in's own " \
+           "setup failed" in p.stderr

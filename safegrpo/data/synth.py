@@ -47,7 +47,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from ..config import SynthConfig
-from ..files import write_atomic
+from ..files import own_dir, write_atomic
 from .records import SafeTagRecord, write_parquet
 
 # ------------------------------------------------------------------------------------- world
@@ -438,14 +438,29 @@ def synth_ready(out_dir, cfg: SynthConfig = SynthConfig()) -> bool:
     return old.get("settings") == _settings(cfg) and all((out / f"{s}.parquet").is_file() for s in ("train", "test"))
 
 
+SYNTH_FILES = ["train.parquet", "test.parquet", "manifest.json"]
+
+
+def _earlier_synth(out: Path):
+    """What an earlier version wrote in `out` (unmarked), when that is all it holds."""
+    try:
+        ours = "settings" in json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+    return SYNTH_FILES if ours and {p.name for p in out.iterdir()} <= set(SYNTH_FILES) else None
+
+
 def write_synth(out_dir, cfg: SynthConfig = SynthConfig(), force: bool = False) -> Path:
     """Generate and write `train.parquet`, `test.parquet` and `manifest.json` under out_dir
-    (HF parquet layout). Skips the work when a manifest with the same settings exists."""
+    (HF parquet layout). Skips the work when a manifest with the same settings exists. out_dir
+    must be a folder of ours (files.own_dir): a user's folder (their own train.parquet, say) is
+    refused with NotOursError, nothing written."""
     out = Path(out_dir)
     manifest_path = out / "manifest.json"
     settings = _settings(cfg)
     if not force and synth_ready(out, cfg):
         return out
+    own_dir(out, adopt=_earlier_synth)               # a folder of ours: never the user's data
     t0 = time.time()
     splits = generate(cfg)
     for name, recs in splits.items():

@@ -118,6 +118,14 @@ def plot_confusion(results: dict[str, dict], out_png) -> Path:
     return _save(fig, plt, out_png)
 
 
+def correction_title(rows: list[dict]) -> str:
+    """The rollout-correction panel's title: says "off" when no step corrected (its only curve is
+    then the share of tokens outside [0.5, 2], a flat 0 that must not read as a correction)."""
+    on = any("correction/weight_mean" in r for r in rows)
+    return "Rollout correction (grpo.rollout_correction)" if on else \
+        "Rollout correction: off (grpo.rollout_correction); tokens outside [0.5, 2] only"
+
+
 def plot_rewards(metrics_path, out_png, window: int = 0) -> Path:
     """A run's curves against GRPO step: the rule reward and its parts, tag accuracy, policy
     statistics; the combined-tag accuracy and the share of prompts without reward spread per
@@ -173,7 +181,10 @@ def plot_rewards(metrics_path, out_png, window: int = 0) -> Path:
     curve(a_ratio, "mismatch/ratio_out", "tokens with ratio outside [0.5, 2]", "C0")
     curve(a_ratio, "correction/rejected", "tokens rejected (rollout_rs)", "C1")
     curve(a_ratio, "correction/weight_mean", "mean correction weight", "C2")
-    _title(a_ratio, "Rollout correction (grpo.rollout_correction)", 80)
+    _title(a_ratio, correction_title(rows), 80)
+    if not any("correction/weight_mean" in r for r in rows):
+        a_ratio.text(0.5, 0.5, "correction off", transform=a_ratio.transAxes, ha="center", va="center",
+                     fontsize=14, alpha=0.4)
     _legend(a_mm, fontsize=7)
     _legend(a_ratio, fontsize=7)
     curve(a_pol, "kl", "kl", "C0")

@@ -7,13 +7,15 @@ custom-reward signature (`reward.plugin: package.module:function`).
 The batch form is recognised by its parameter names (`solution_strs`). A plug-in receives, per
 completion, data_source "safetag", the completion's text, ground_truth = extra_info = the
 record's gold tags plus its meta columns (copies: a plug-in that changes them in place changes
-nothing here). A call that raises, or calls sys.exit, scores 0 for its completion (for the batch
-form: for the whole batch) and is counted and reported with the row. With
-reward.timeout_s > 0 the plug-in runs in reward.workers worker processes, started
-and with the plug-in imported before any call is timed; the calls of a step run on them at
-once, and the step waits at most timeout x ceil(calls / workers) in all: calls not finished
-then are stopped (the workers are replaced) and score 0, counted as timeouts. A worker that
-dies is replaced and its calls counted as errors. Nothing here imports torch.
+nothing here). A call that raises, calls sys.exit, or returns anything but a number (a string
+such as "0.75", a bool) scores 0 for its completion (for the batch form: for the whole batch)
+and is counted and reported with the row. The plug-in runs in reward.workers worker processes
+(so that not even os._exit or a crash in it can end training), started and with the plug-in
+imported before any call; the calls of a step run on them at once. With reward.timeout_s > 0
+the step waits at most timeout x ceil(calls / workers) in all: calls not finished then are
+stopped (the workers are replaced) and score 0, counted as timeouts. A worker that dies is
+replaced and its calls counted as errors. A plug-in that fails to import is one error at
+start-up. Nothing here imports torch.
 """
 from __future__ import annotations
 
@@ -40,7 +42,9 @@ def _load(spec: str):
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"reward.plugin {spec!r}: {e}") from e
+        raise ValueError(f"reward.plugin {spec!r}: {e}") from None
+    except (Exception, SystemExit) as e:               # the plug-in's own code failed at import
+        raise ValueError(f"reward.plugin {spec!r}: importing {module} raised {type(e).__name__}: {e}") from None
     if not callable(fn):
         raise ValueError(f"reward.plugin {spec!r} is not callable")
     return fn
@@ -55,6 +59,8 @@ def _is_batch(fn) -> bool:
 
 def _number(value) -> float:
     value = value.get("score") if isinstance(value, dict) else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):      # "0.75", True: a plug-in's bug
+        raise TypeError(f"returned {value!r} ({type(value).__name__}), not a number")
     value = float(value)
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"not a finite number: {value!r}")
@@ -114,18 +120,8 @@ class PluginReward:
     def _run_all(self, fn, calls: list[tuple]) -> list:
         """fn(*args) for each args of `calls`: [result, or the exception it raised, or
         FutureTimeout when the step's deadline passed first]."""
-        if self.timeout <= 0:
-            out = []
-            for args in calls:
-                try:
-                    out.append(fn(*args))
-                except KeyboardInterrupt:
-                    raise
-                except BaseException as e:       # SystemExit too: a plug-in cannot end training
-                    out.append(e)
-            return out
         futures = [self._pool().submit(fn, *args) for args in calls]
-        deadline = self.timeout * -(-len(calls) // self.workers)
+        deadline = self.timeout * -(-len(calls) // self.workers) if self.timeout > 0 else None
         wait(futures, timeout=deadline)
         out, stuck, broken = [], False, False
         for f in futures:

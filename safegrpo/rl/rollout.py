@@ -13,10 +13,16 @@ and stops a row at its first EOS; the loop ends when every row has stopped or af
 max_new_tokens.
 
 Returns completion ids [B*G, T] (padded with pad_id after EOS), lengths [B*G] (first EOS
-included) and each sampled token's log-probability [B*G, T] under the distribution it was drawn
-from (temperature, banned placeholders and the top-p nucleus applied; taken from the logits the
-sampler used, so no extra forward pass, and, like the tokens, independent of the batching, the KV
-budget and pre-emption). `completion_mask(lengths, T)` rebuilds the mask from lengths, never from token values.
+included) and two log-probabilities [B*G, T] of each sampled token, both from the logits the
+sampler used (no extra forward pass) and, like the tokens, independent of the batching, the KV
+budget and pre-emption:
+    logprobs        under the distribution it was drawn from (temperature, banned placeholders and
+                    the top-p nucleus applied): pi_rollout, for the importance weights and the
+                    mismatch figures (correction.py)
+    full_logprobs   under the full softmax at the temperature, the training forward's form: pi_old
+                    for grpo.old_logprobs: rollout. A ratio needs numerator and denominator of one
+                    form; against the nucleus's log-prob it would be Z_t < 1 at the rollout's own
+                    parameters, clipping every negative-advantage token. `completion_mask(lengths, T)` rebuilds the mask from lengths, never from token values.
 Temperature 0 means greedy decoding (it matches `model.generate(do_sample=False)` token for token).
 """
 from __future__ import annotations
@@ -41,6 +47,7 @@ class Rollout:
     redone_steps: int = 0         # of those, steps of pre-empted rows computed again
     logprobs: torch.Tensor | None = None   # [B*G, T] fp32: log-prob of each sampled token under the
                                            # distribution it was drawn from (0 after the end, and greedy)
+    full_logprobs: torch.Tensor | None = None   # [B*G, T] fp32: under the full softmax at the temperature
 
     @property
     def mask(self) -> torch.Tensor:
@@ -69,27 +76,32 @@ def banned_token_ids(model) -> list[int]:
 
 
 def _next_tokens(h: torch.Tensor, W: torch.Tensor, banned, temperature: float, top_p: float, keys, t,
-                 check: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row of hidden states h [n, H] and its log-probability [n] under the
-    distribution it was drawn from: fp32 logits, placeholders banned, divided by the temperature,
-    cut to the top-p nucleus (so the log-prob is the renormalised truncated distribution's), then
-    the exact sampler with row keys [n] at generated index t [n]. Greedy (temperature 0): the
-    argmax, log-prob 0. check: a non-finite logit raises (a broken policy shows at its first step)."""
+                 check: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token per row of hidden states h [n, H] and two log-probabilities [n] of it: under the
+    distribution it was drawn from (fp32 logits, placeholders banned, divided by the temperature,
+    cut to the top-p nucleus and renormalised), and under the full softmax of logits / temperature
+    (the training forward's form). The token comes from the exact sampler with row keys [n] at
+    generated index t [n]. Greedy (temperature 0): the argmax, log-probs 0. check: a non-finite
+    logit raises (a broken policy shows at its first step)."""
     with torch.autocast(h.device.type, enabled=False):                          # sample from fp32 logits
         logits = h.float() @ W.T                                                 # [n, V]
     if check and not bool(torch.isfinite(logits).all()):
         raise FloatingPointError("non-finite logits at the first decode step")
+    if temperature == 0:
+        if banned:
+            logits[:, banned] = float("-inf")
+        tok = logits.argmax(-1)
+        zero = torch.zeros(tok.shape, dtype=torch.float32, device=tok.device)
+        return tok, zero, zero
+    logits = logits / temperature
+    full_lse = torch.logsumexp(logits, -1) if banned or top_p < 1.0 else None      # [n], before any cut
     if banned:
         logits[:, banned] = float("-inf")
-    if temperature == 0:
-        tok = logits.argmax(-1)
-        return tok, torch.zeros(tok.shape, dtype=torch.float32, device=tok.device)
-    logits = logits / temperature
-    if top_p < 1.0:
-        logits = top_p_filter(logits, top_p)
-    tok = sample(torch.softmax(logits, -1), uniforms(keys, t))
-    logp = logits.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(logits, -1)   # [n]
-    return tok, logp
+    sampled = top_p_filter(logits, top_p) if top_p < 1.0 else logits
+    tok = sample(torch.softmax(sampled, -1), uniforms(keys, t))
+    picked = logits.gather(1, tok[:, None]).squeeze(1)                                  # [n], tempered logit
+    logp = picked - torch.logsumexp(sampled, -1)                                         # pi_rollout
+    return tok, logp, logp if full_lse is None else picked - full_lse                   # , full softmax
 
 
 @torch.no_grad()
@@ -121,7 +133,8 @@ def generate(model, batch: dict, *, group_size: int, max_new_tokens: int, eos_to
     out, logp, lengths, peak, row_steps, redone = run(model, batch, G, max_new_tokens, pad_token_id,
                                                       max_batch_tokens, **sampler)
     T = int(lengths.max())
-    return Rollout(out[:, :T].contiguous(), lengths, G, peak, row_steps, redone, logp[:, :T].contiguous())
+    return Rollout(out[:, :T].contiguous(), lengths, G, peak, row_steps, redone, logp[0, :, :T].contiguous(),
+                   logp[1, :, :T].contiguous())
 
 
 def _images_per_prompt(model, batch) -> list[int]:
@@ -205,7 +218,7 @@ class _ContinuousBatch:
         self.n_img, self.lp = _images_per_prompt(model, batch), batch["attention_mask"].sum(-1).tolist()
         self.pending = [(b, g) for b in range(self.B) for g in range(G)]  # FIFO of rows to start
         self.out = torch.full((self.B * G, T), pad_id, dtype=torch.long, device=self.device)
-        self.logp = torch.zeros(self.B * G, T, dtype=torch.float32, device=self.device)
+        self.logp = torch.zeros(2, self.B * G, T, dtype=torch.float32, device=self.device)  # sampled, full
         self.lengths = torch.full((self.B * G,), T, dtype=torch.long, device=self.device)
         self.free = [] if self.dense else list(range(self.n_pages, 0, -1))   # page 0 is the zero page
         self.dec = self.rows = None       # LeanDecoder and _LiveRows, made at the first prefill
@@ -267,11 +280,12 @@ class _ContinuousBatch:
     def sample(self) -> None:
         """The next token of every live row; rows at EOS or max_new_tokens leave."""
         rows, n, s = self.rows, self.rows.n, self.sampler
-        tok, logp = _next_tokens(rows.h[:n], s["W"], s["banned"], s["temperature"], s["top_p"], rows.key[:n],
-                                 rows.t[:n], check=self.first)
+        tok, logp, full = _next_tokens(rows.h[:n], s["W"], s["banned"], s["temperature"], s["top_p"],
+                                       rows.key[:n], rows.t[:n], check=self.first)
         self.first = False
         self.out[rows.id[:n], rows.t[:n]] = rows.tok[:n] = tok
-        self.logp[rows.id[:n], rows.t[:n]] = logp
+        self.logp[0, rows.id[:n], rows.t[:n]] = logp
+        self.logp[1, rows.id[:n], rows.t[:n]] = full
         stop = torch.isin(tok, s["eos"]) | (rows.t[:n] + 1 >= self.T)
         if bool(stop.any()):
             self._retire(stop.nonzero().flatten())
@@ -358,15 +372,15 @@ def _static(model, batch, G, T, pad_id, budget, *, eos, W, banned, temperature, 
         Lp = attn.shape[1]
         attn = torch.cat([attn, attn.new_ones(N, T)], dim=1)                     # [N, Lp + T], allocated once
         out = torch.full((N, T), pad_id, dtype=torch.long, device=h.device)
-        logps.append(torch.zeros(N, T, dtype=torch.float32, device=h.device))
+        logps.append(torch.zeros(2, N, T, dtype=torch.float32, device=h.device))      # sampled, full
         lengths = torch.full((N,), T, dtype=torch.long, device=h.device)
         done = torch.zeros(N, dtype=torch.bool, device=h.device)
         ks = keys[a * G:e * G]
         for t in range(T):
-            tok, logp = _next_tokens(h, W, banned, temperature, top_p, ks, t, check=t == 0)
+            tok, logp, full = _next_tokens(h, W, banned, temperature, top_p, ks, t, check=t == 0)
             tok = torch.where(done, torch.full_like(tok, pad_id), tok)
             out[:, t] = tok
-            logps[-1][:, t] = logp.masked_fill(done, 0.0)
+            logps[-1][:, :, t] = torch.stack([logp, full]).masked_fill(done, 0.0)
             hit = torch.isin(tok, eos) & ~done
             lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)
             done |= hit
@@ -378,4 +392,4 @@ def _static(model, batch, G, T, pad_id, budget, *, eos, W, banned, temperature, 
             row_steps += N
         outs.append(out)
         lens.append(lengths)
-    return torch.cat(outs), torch.cat(logps), torch.cat(lens), peak, row_steps, 0
+    return torch.cat(outs), torch.cat(logps, 1), torch.cat(lens), peak, row_steps, 0
