@@ -1,11 +1,15 @@
 """Checkpoints: a Hugging Face model directory plus the trainer's state, written atomically.
 
     checkpoints/step_N/
-        config.json, model.safetensors, tokenizer/processor files   (from_pretrained loads this)
+        config.json, model.safetensors, tokenizer/processor files   (from_pretrained, vLLM and
+          SGLang load this folder as it is: the only *.safetensors in it are the model's)
           (with LoRA instead: adapter_config.json, adapter_model.safetensors; see lora.py)
-        optimizer.safetensors     AdamW moments, flattened to named tensors
-        rng.safetensors           torch CPU RNG state (rollouts draw from per-prompt seeds)
         trainer_state.json        step, sampler position, scheduler, optimizer param groups, extras
+        trainer/optimizer.safetensors   AdamW moments, flattened to named tensors
+        trainer/rng.safetensors         torch CPU RNG state (rollouts draw from per-prompt seeds)
+
+(The trainer's tensors sit in a subfolder because inference engines load every *.safetensors at
+a model folder's top; checkpoints written before kept them there and still resume.)
 
 Everything is safetensors or JSON: no pickle is written or read. A checkpoint is written under a
 temporary name and renamed into place, so a crash or SIGKILL mid-write never leaves a
@@ -37,7 +41,14 @@ from .files import MARKER, NotOursError, atomic_path, foreign_entries, own_dir, 
 from .lora import ADAPTER_WEIGHTS, adapter_state, save_adapter
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
-STATE_FILES = ("trainer_state.json", "optimizer.safetensors", "rng.safetensors")
+STATE_DIR = "trainer"           # the trainer's tensors, out of the model folder's *.safetensors pattern
+STATE_FILES = ("trainer_state.json", f"{STATE_DIR}/optimizer.safetensors", f"{STATE_DIR}/rng.safetensors")
+
+
+def _state_file(ckpt: Path, name: str) -> Path:
+    """ckpt/<name>, or where a checkpoint from before the trainer/ subfolder kept it."""
+    f = ckpt / name
+    return f if f.is_file() or "/" not in name else ckpt / Path(name).name
 LOCK = ".lock"                 # held (flock) by the live process that owns the run directory
 # settings that may change when a run is resumed (they do not change what is computed)
 RESUMABLE_CHANGES = ("train.steps", "train.save_every", "train.keep_checkpoints", "train.eval_every", "train.eval_limit", "train.threads",
@@ -97,8 +108,9 @@ def save_checkpoint(ckpt_root, step: int, model, processor, optimizer, state: di
                 model.save_pretrained(tmp, state_dict=weights)
             if processor is not None:
                 processor.save_pretrained(tmp)
-            save_file(tensors, tmp / "optimizer.safetensors")
-            save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
+            (tmp / STATE_DIR).mkdir()
+            save_file(tensors, tmp / STATE_DIR / "optimizer.safetensors")
+            save_file({"torch_cpu": torch.get_rng_state()}, tmp / STATE_DIR / "rng.safetensors")
             (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step, "optimizer_param_groups": groups},
                                                                indent=1))
     dist.barrier()
@@ -124,7 +136,7 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     weights = sorted(ckpt.glob("model*.safetensors")) or sorted(ckpt.glob(ADAPTER_WEIGHTS))
     if not weights:
         return f"{ckpt / 'model.safetensors'}: missing"
-    for f in [*weights, *(ckpt / n for n in STATE_FILES)]:
+    for f in [*weights, *(_state_file(ckpt, n) for n in STATE_FILES)]:
         if not f.is_file():
             return f"{f}: missing"
         try:
@@ -152,9 +164,9 @@ def load_trainer_state(ckpt: Path, optimizer, model=None) -> dict:
     """Restore optimizer and RNG states from a checkpoint; returns trainer_state.json. Under
     torchrun pass the (sharded) model: each rank reads the file and keeps its shard."""
     state = _read(ckpt / "trainer_state.json", lambda f: json.loads(f.read_text()))
-    _unflatten_optimizer(model, optimizer, _read(ckpt / "optimizer.safetensors", load_file),
+    _unflatten_optimizer(model, optimizer, _read(_state_file(ckpt, STATE_FILES[1]), load_file),
                          state.pop("optimizer_param_groups"))
-    torch.set_rng_state(_read(ckpt / "rng.safetensors", load_file)["torch_cpu"])
+    torch.set_rng_state(_read(_state_file(ckpt, STATE_FILES[2]), load_file)["torch_cpu"])
     return state
 
 

@@ -448,3 +448,31 @@ def test_start_of_training_names_the_decode_path_and_warns_on_top_p(tmp_path, ti
     cfg.rollout.top_p = 1.0
     Trainer(cfg).setup(tiny_model_dir)
     assert "top_p" not in capsys.readouterr().out
+
+
+def test_a_checkpoint_folder_is_a_model_folder_inference_engines_load_as_it_is(tmp_path, tiny_model_dir, synth_dir):
+    """vLLM and SGLang load every *.safetensors at a model folder's top: only the model's weights
+    may be there (the optimizer's moments failed vLLM's load with 'no module or parameter named
+    state/0/exp_avg'). A checkpoint written before the trainer/ subfolder still resumes."""
+    from safetensors import safe_open
+    cfg = load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{"train.steps": 2, "train.save_every": 1,
+                                                                        "data.test": ""}))
+    Trainer(cfg).fit()
+    ck = tmp_path / "run" / "checkpoints" / "step_1"
+    from safegrpo.model import load_model
+    tops = sorted(ck.glob("*.safetensors"))
+    assert [p.name for p in tops] == ["model.safetensors"]
+    with safe_open(tops[0], "pt") as f:                   # the model's tensors, none of the trainer's
+        keys = set(f.keys())
+    assert keys and not any(k.startswith("state/") or k == "torch_cpu" for k in keys)
+    assert len(keys) == len(load_model(ck).state_dict())
+    assert (ck / "trainer" / "optimizer.safetensors").is_file() and (ck / "trainer" / "rng.safetensors").is_file()
+    for name in ("optimizer.safetensors", "rng.safetensors"):       # the layout before: files at the top
+        (ck / "trainer" / name).rename(ck / name)
+    import shutil
+    shutil.rmtree(ck / "trainer")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_2")
+    again = Trainer(load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{
+        "train.steps": 2, "train.save_every": 1, "data.test": ""})), resume=True)
+    assert again.resume_from == ck
+    again.fit()
