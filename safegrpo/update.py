@@ -176,17 +176,22 @@ class Updater:
         rc, mask = self.cfg.grpo.rollout_correction, grp.ro.mask
         if not (rc.rollout_is or rc.rollout_rs):
             return mask, None
-        if train is None:
-            raise RuntimeError("rollout correction needs the recomputed pi_old")
-        weights = is_weights(train, grp.ro.logprobs, mask, rc.rollout_is, rc.rollout_is_threshold) \
-            if rc.rollout_is else None                       # on the rollout's mask, as verl (sequence: all tokens)
-        if rc.rollout_rs:
-            mask = rejection_mask(train, grp.ro.logprobs, mask, rc.rollout_rs, rc.rollout_rs_threshold,
-                                  rc.rollout_rs_threshold_lower)
+        weights = None
+        if grp.n:                 # (DAPO can leave a rank without groups: it still joins the sum below)
+            if train is None:
+                raise RuntimeError("rollout correction needs the recomputed pi_old")
+            if rc.rollout_is:     # on the rollout's mask, as verl (sequence level: all its tokens)
+                weights = is_weights(train, grp.ro.logprobs, mask, rc.rollout_is, rc.rollout_is_threshold)
+            if rc.rollout_rs:
+                mask = rejection_mask(train, grp.ro.logprobs, mask, rc.rollout_rs, rc.rollout_rs_threshold,
+                                      rc.rollout_rs_threshold_lower)
+        elif rc.rollout_is:
+            weights = torch.zeros_like(mask)
         total, kept = dist.all_reduce_sum(torch.stack([grp.ro.mask.sum(), mask.sum()]).double()).tolist()
         if total > 0 and kept == 0 and dist.is_main():
-            tqdm.write(f"[rollout correction] warning: step {step + 1}: every one of {int(total)} completion tokens "
-                       f"was rejected (rollout_rs={rc.rollout_rs}, kept ratios [{rc.rollout_rs_threshold_lower or 1 / rc.rollout_rs_threshold:g}, "
+            lo = rc.rollout_rs_threshold_lower or 1 / rc.rollout_rs_threshold
+            tqdm.write(f"[rollout correction] warning: step {step + 1}: every one of {int(total)} completion "
+                       f"tokens was rejected (rollout_rs={rc.rollout_rs}, kept ratios [{lo:g}, "
                        f"{rc.rollout_rs_threshold:g}]): nothing was learned this step")
         return mask, weights
 

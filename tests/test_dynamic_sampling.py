@@ -105,6 +105,10 @@ def test_a_rank_left_without_groups_for_the_whole_step_finishes_and_matches_one(
     one, two = weights(tmp_path / "one", 1), weights(tmp_path / "two", 1)
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0, msg=k)
+    # with a rollout correction on, the rank without groups still joins its collectives
+    fixed = run_dist(cfg, 2, tmp_path / "corrected", "--set", "grpo.rollout_correction.rollout_is=token",
+                     "--set", "grpo.rollout_correction.rollout_rs=token", timeout=180)
+    assert "[world] 2 process(es)" in fixed.stdout and rows(tmp_path / "corrected")[0]["dapo/kept"] == 2
 
 
 def test_empty_steps_move_no_schedule_and_their_count_survives_resume(tmp_path, tiny_model_dir, synth_dir, capsys):
