@@ -28,6 +28,8 @@ left padding. Works for any model whose `model.model(...)` accepts `position_ids
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -111,6 +113,13 @@ def base_model(model):
     return model.model
 
 
+def _with_cache(module, cache) -> dict:
+    """The cache keyword of `module`'s forward: transformers 5.2x renamed past_key_values to
+    cache (a forward given the other name ignores it: the cache would stay empty)."""
+    params = inspect.signature(module.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
 def prompt_positions(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Position ids of a left-padded prompt batch and the first position after each prompt.
 
@@ -140,15 +149,17 @@ def prefill(model, batch: dict, position_ids: torch.Tensor, reserve: int = 0, ca
     tokens of decoding to pre-allocate in the cache (0: a plain DynamicCache, for autograd)."""
     cache = new_cache(model, reserve) if cache is None else cache
     kw = {k: batch[k] for k in VISION_KEYS if batch.get(k) is not None}
-    out = base_model(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=position_ids, cache=cache, use_cache=True, **kw)
+    base = base_model(model)
+    out = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=position_ids,
+               use_cache=True, **_with_cache(base, cache), **kw)
     return out.last_hidden_state[:, -1], cache
 
 
 def step(model, ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, cache):
     """Run new tokens ids [N, t] on top of `cache`; returns hidden [N, t, H] (cache grows)."""
-    out = base_model(model)(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
-                            cache=cache, use_cache=True)
+    base = base_model(model)
+    out = base(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+               **_with_cache(base, cache))
     return out.last_hidden_state
 
 
