@@ -98,7 +98,7 @@ def time_step(model, rows: int, G: int, prompt_len: int, context: int, steps: in
         tt = torch.full((rows,), t, device=device)
         sync(device)
         t0 = time.perf_counter()
-        tok = _next_tokens(h, W, [], 1.0, 1.0, keys, tt)
+        tok = _next_tokens(h, W, [], 1.0, 1.0, keys, tt)[0]           # (token, log-probs)
         h = dec.step(tok, nxt[prompt] + t, prompt, g, tt, table, canonical=True, t_max=t)
         sync(device)
         if t >= context:
