@@ -31,10 +31,12 @@ import json
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 MARKER = ".safegrpo"
 _TEMP = re.compile(r"^\..+\.tmp-\d+$")           # temporary_name's pattern
+_LISTINGS = threading.RLock()   # a marker is read, changed and replaced whole: one thread at a time
 
 
 def temporary_name(path: Path) -> Path:
@@ -60,25 +62,28 @@ def _listing(folder: Path) -> list[str]:
 
 
 def _write_listing(folder: Path, names) -> None:
-    tmp = temporary_name(folder / MARKER)
-    tmp.write_text(json.dumps({"written_by": "safegrpo", "entries": sorted(set(names))}, indent=0),
-                   encoding="utf-8")
-    os.replace(tmp, folder / MARKER)
+    with _LISTINGS:
+        tmp = temporary_name(folder / MARKER)
+        tmp.write_text(json.dumps({"written_by": "safegrpo", "entries": sorted(set(names))}, indent=0),
+                       encoding="utf-8")
+        os.replace(tmp, folder / MARKER)
 
 
 def register(folder, *names: str) -> None:
     """Add names (or glob patterns) to a marked folder's listing (nothing when it is not marked)."""
     folder = Path(folder)
-    if is_marked(folder):
-        have = _listing(folder)
-        if not set(names) <= set(have):
-            _write_listing(folder, [*have, *names])
+    with _LISTINGS:                  # (the endpoint client's threads write into one cache folder)
+        if is_marked(folder):
+            have = _listing(folder)
+            if not set(names) <= set(have):
+                _write_listing(folder, [*have, *names])
 
 
 def unregister(folder, *names: str) -> None:
     folder = Path(folder)
-    if is_marked(folder):
-        _write_listing(folder, [n for n in _listing(folder) if n not in names])
+    with _LISTINGS:
+        if is_marked(folder):
+            _write_listing(folder, [n for n in _listing(folder) if n not in names])
 
 
 def mark(folder, names=()) -> None:

@@ -255,3 +255,25 @@ def test_pruning_keeps_the_newest_and_never_a_checkpoint_holding_a_users_file(tm
     assert (ck / "step_1" / "my_analysis.ipynb").read_text() == "mine" and "not pruning" in capsys.readouterr().out
     prune_checkpoints(ck, 0)                              # 0: keep all
     assert len([p for p in ck.iterdir() if p.name.startswith("step_")]) == 3
+
+
+def test_threads_writing_into_one_folder_of_ours_all_get_listed(tmp_path):
+    """The endpoint client's threads write replies into one cache folder at once: every write
+    is listed in its marker (a marker rewritten by two threads at once lost entries or failed)."""
+    import threading
+    from safegrpo.files import foreign_entries, own_dir, write_atomic
+    folder = own_dir(tmp_path / "cache")
+    errors = []
+
+    def write(k):
+        try:
+            for i in range(25):
+                write_atomic(folder / f"{k}-{i}.json", "{}")
+        except Exception as e:            # noqa: BLE001  (any failure fails the test below)
+            errors.append(e)
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(list(folder.glob("*.json"))) == 200 and foreign_entries(folder) == []
