@@ -105,7 +105,7 @@ class Updater:
         per step). Returns the step's loss, KL, clip fraction, entropy, grad norm, anchor loss and
         rollout/training mismatch (rl/correction.py), over all ranks."""
         c, g, G, W = self.cfg, self.cfg.grpo, self.G, dist.world_size()
-        ids, batch = grp.ro.completion_ids, grp.batch
+        ids, batch, sampled = grp.ro.completion_ids, grp.batch, grp.ro.mask    # sampled: every completion token
         rc = g.rollout_correction
         recomputed = old_logp is not None and g.old_logprobs == "recompute"
         mask, weights = self.correction(step, grp, old_logp if recomputed else None)    # [N, T] each
@@ -113,7 +113,7 @@ class Updater:
         sums = {"loss": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "ptx": 0.0,
                 "mm_tokens": 0.0, "mm_k3": 0.0, "mm_abs": 0.0, "mm_out": 0.0, "mm_abs_max": 0.0,
                 "is_weight": float((weights * mask).sum()) if weights is not None else float(mask.sum()),
-                "rejected": float((grp.ro.mask - mask).sum()) if rc.rollout_rs else 0.0}
+                "rejected": float((sampled - mask).sum()) if rc.rollout_rs else 0.0}
         seq = g.importance_level == "sequence"
         clip_low, clip_high = (g.seq_clip_low, g.seq_clip_high) if seq else (g.clip_low, g.clip_high)
         self.policy.model.train()
@@ -131,13 +131,13 @@ class Updater:
                     continue
                 rows = slice(p[0] * G, p[1] * G)
                 with self.policy.amp():
-                    logp, ent = self.policy.fwd(slice_prompts(batch, *p, grp.images), ids[rows], grp.ro.mask[rows],
+                    logp, ent = self.policy.fwd(slice_prompts(batch, *p, grp.images), ids[rows], sampled[rows],
                                                 G, self.temperature, entropy=True, entropy_grad=g.entropy_coef > 0)
                 # the rollout/training mismatch, eq. (13), where pi_train is at the rollout's parameters:
                 # the recomputed pi_old, or before the first update this forward
                 train = old_logp[rows] if recomputed else logp.detach() if u == 0 else None
                 if train is not None:
-                    self._add_mismatch(sums, train, grp.ro.logprobs[rows], grp.ro.mask[rows])
+                    self._add_mismatch(sums, train, grp.ro.logprobs[rows], sampled[rows])
                 # ALGO LOGIC: the objective, eqs. (5)-(9), or GSPO's (12)
                 loss, m = grpo_loss(logp, logp.detach() if old_logp is None else old_logp[rows], adv[rows],
                                     mask[rows], ref_logp=None if ref_logp is None else ref_logp[rows], entropy=ent,

@@ -215,13 +215,12 @@ class Endpoint:
             except _Retry as e:
                 why, wait_s = e.why, self.backoff * 2 ** attempt
             else:
-                detail = self._redact(raw[:300].decode("utf-8", "replace"))
                 if 200 <= status < 300:
                     break
                 if 300 <= status < 400:
                     raise EndpointError(f"{where}: HTTP {status} redirects to {self._redact(head.get('Location', '?'))}; "
                                         "not followed (the API key would go along): give that address instead") from None
-                why = f"HTTP {status}: {detail}"
+                why = f"HTTP {status}: {self._redact(raw[:300].decode('utf-8', 'replace'))}"
                 if status not in RETRIED_STATUS:
                     raise EndpointError(f"{where}: {why}") from None
                 wait_s = self.backoff * 2 ** attempt

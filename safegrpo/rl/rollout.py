@@ -94,14 +94,18 @@ def _next_tokens(h: torch.Tensor, W: torch.Tensor, banned, temperature: float, t
         zero = torch.zeros(tok.shape, dtype=torch.float32, device=tok.device)
         return tok, zero, zero
     logits = logits / temperature
-    full_lse = torch.logsumexp(logits, -1) if banned or top_p < 1.0 else None      # [n], before any cut
-    if banned:
+    lse = torch.logsumexp(logits, -1)                                            # [n], full softmax's
+    full_lse = lse
+    if banned:     # the mass left without the few banned ids: no second pass over the vocabulary
+        lse = lse + torch.log1p(-torch.exp(logits[:, banned] - lse[:, None]).sum(-1).clamp(max=1.0))
         logits[:, banned] = float("-inf")
-    sampled = top_p_filter(logits, top_p) if top_p < 1.0 else logits
+    sampled = logits
+    if top_p < 1.0:
+        sampled = top_p_filter(logits, top_p)
+        lse = torch.logsumexp(sampled, -1)
     tok = sample(torch.softmax(sampled, -1), uniforms(keys, t))
     picked = logits.gather(1, tok[:, None]).squeeze(1)                                  # [n], tempered logit
-    logp = picked - torch.logsumexp(sampled, -1)                                         # pi_rollout
-    return tok, logp, logp if full_lse is None else picked - full_lse                   # , full softmax
+    return tok, picked - lse, picked - full_lse                                         # pi_rollout, full softmax
 
 
 @torch.no_grad()
