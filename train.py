@@ -68,7 +68,7 @@ def main(argv=None):
         print(f"[error] {e}", file=sys.stderr)
         return 2
     if code == 0:          # after a failure torchrun tears the group down; a barrier could pair
-        dist.shutdown()    # with another rank's training collective and hang
+        dist.shutdown(trainer.close)   # with another rank's training collective and hang
     return code
 
 

@@ -66,8 +66,9 @@ class Groups:
         rows = [i * self.G + g for i in keep for g in range(self.G)]
         batch = encode([self.recs[i] for i in keep], keep) if keep else {}
         T = int(self.ro.lengths[rows].max()) if rows else 1
+        full = self.ro.full_logprobs
         ro = Rollout(self.ro.completion_ids[rows, :T], self.ro.lengths[rows], self.G,
-                     logprobs=self.ro.logprobs[rows, :T], full_logprobs=self.ro.full_logprobs[rows, :T])
+                     logprobs=self.ro.logprobs[rows, :T], full_logprobs=full[rows, :T] if full is not None else None)
         return Groups([self.recs[i] for i in keep], [self.positions[i] for i in keep], batch, ro,
                       [self.parts[r] for r in rows], [self.gold[r] for r in rows], self.rewards[rows], self.G)
 
@@ -76,11 +77,12 @@ class Groups:
         recs = self.recs + other.recs
         T = max(self.ro.completion_ids.shape[1], other.ro.completion_ids.shape[1])
         pad = lambda x, v: torch.nn.functional.pad(x, (0, T - x.shape[1]), value=v)     # noqa: E731
-        ro = Rollout(torch.cat([pad(self.ro.completion_ids, pad_id), pad(other.ro.completion_ids, pad_id)]),
+        both = lambda a, b, v: torch.cat([pad(a, v), pad(b, v)]) if a is not None else None   # noqa: E731
+        ro = Rollout(both(self.ro.completion_ids, other.ro.completion_ids, pad_id),
                      torch.cat([self.ro.lengths, other.ro.lengths]), self.G,
                      max(self.ro.peak_cached_tokens, other.ro.peak_cached_tokens),
-                     logprobs=torch.cat([pad(self.ro.logprobs, 0.0), pad(other.ro.logprobs, 0.0)]),
-                     full_logprobs=torch.cat([pad(self.ro.full_logprobs, 0.0), pad(other.ro.full_logprobs, 0.0)]))
+                     logprobs=both(self.ro.logprobs, other.ro.logprobs, 0.0),
+                     full_logprobs=both(self.ro.full_logprobs, other.ro.full_logprobs, 0.0))
         return Groups(recs, self.positions + other.positions, encode(recs, list(range(len(recs)))), ro,
                       self.parts + other.parts, self.gold + other.gold, torch.cat([self.rewards, other.rewards]), self.G,
                       self.errors + other.errors, self.timeouts + other.timeouts)
@@ -128,9 +130,11 @@ class Reward:
 class Collector:
     """Prompts, rollouts and rewards of GRPO steps (steps 1-3) for one rank."""
 
-    def __init__(self, cfg: Config, policy: Policy, processor, records: list, sampler, reward: Reward):
+    def __init__(self, cfg: Config, policy: Policy, processor, records: list, sampler, reward: Reward, engine=None):
+        """engine: a VLLMEngine (rollout.engine: vllm; synced from the policy before each step's
+        rollout), or None for our engine (rl/rollout.py)."""
         self.cfg, self.policy, self.processor, self.records, self.sampler = cfg, policy, processor, records, sampler
-        self.reward = reward
+        self.reward, self.engine = reward, engine
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.G = cfg.rollout.group_size
 
@@ -145,6 +149,15 @@ class Collector:
         more prompts are drawn (the same on every rank, at new positions, so with new seeds)
         until prompts_per_step groups over all ranks have reward spread, or (1 + oversample) x
         prompts_per_step prompts have been drawn."""
+        if self.engine is not None:                     # the rollout always from the current policy
+            self.engine.sync(self.policy.model)
+        try:
+            return self._collect(step)
+        finally:
+            if self.engine is not None:                 # (rollout.vllm.sleep) its memory is the update's now
+                self.engine.sleep()
+
+    def _collect(self, step: int) -> tuple[Groups, dict]:
         g, tr, W, R = self.cfg.grpo, self.cfg.train, dist.world_size(), dist.rank()
         positions, records = rank_share(self.sampler.take(tr.prompts_per_step), tr.mini_batch_prompts, W, R)
         groups = self.groups(step, positions, records)
@@ -169,7 +182,7 @@ class Collector:
         """Encode, roll out and score these records (the reward: `Reward`)."""
         recs = [self.records[i] for i in records]
         batch = self.encode(recs, records)
-        ro = self.rollout(step, batch, positions)
+        ro = self.rollout(step, batch, positions, recs)
         texts = decode_completions(self.tokenizer, ro.completion_ids, ro.lengths)
         gold = [r.tags for r in recs for _ in range(self.G)]
         labels = [f"step {step + 1}, {r.origin or f'record {i}'}, sample {g}" for r, i in zip(recs, records)
@@ -178,10 +191,14 @@ class Collector:
         rewards = torch.tensor([p["total"] for p in parts], dtype=torch.float32)         # [N]
         return Groups(recs, positions, batch, ro, parts, gold, rewards, self.G, errors, timeouts)
 
-    def rollout(self, step: int, batch: dict, positions: list[int]) -> Rollout:
+    def rollout(self, step: int, batch: dict, positions: list[int], recs: list) -> Rollout:
         """G completions per prompt from the gathered policy, continuously batched under
-        rollout.max_batch_tokens, each prompt from its own seed."""
+        rollout.max_batch_tokens, each prompt from its own seed; or from vLLM."""
         c, model = self.cfg, self.policy.model
+        if self.engine is not None:
+            return self.engine.generate(batch, [r.images for r in recs], group_size=self.G,
+                                        max_new_tokens=c.rollout.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                        temperature=c.rollout.temperature, top_p=c.rollout.top_p)
         model.eval()
         try:
             with self.policy.amp(), dist.gathered(self.policy.fwd):

@@ -106,8 +106,26 @@ class DataConfig:
 
 
 @dataclass
+class VllmConfig:
+    """vLLM as the rollout engine (rollout.engine: vllm; rl/vllm_engine.py, `pip install -e ".[vllm]"`),
+    in the training process, its weights synced from the policy after every optimizer step."""
+    gpu_memory_utilization: float = opt(0.3, within(0.0, 1.0, lo_open=True), "share of the GPU's memory vLLM "
+                                        "takes for its weights and KV cache (colocated: the rest is training's)")
+    tensor_parallel_size: int = opt(1, ge(1), "GPUs one engine spans (one process; under torchrun each rank "
+                                    "drives its own engine: keep 1)")
+    sleep: bool = opt(False, None, "free vLLM's weights and KV cache while the policy updates, woken before the "
+                      "next sync (vLLM's sleep mode, CUDA only)")
+    max_num_seqs: int = opt(256, ge(1), "sequences vLLM decodes at once")
+    max_images_per_prompt: int = opt(1, ge(0), "images one prompt may carry (vLLM reserves encoder memory for them)")
+    enforce_eager: bool = opt(False, None, "no CUDA graphs (always eager on a CPU)")
+
+
+@dataclass
 class RolloutConfig:
-    """How completions are sampled (rl/rollout.py)."""
+    """How completions are sampled (rl/rollout.py, or vLLM: rl/vllm_engine.py)."""
+    engine: Literal["native", "vllm"] = opt("native", None, "native: our engine (exact, byte-identical resume, "
+                                            "the reference); vllm: vLLM, synced every step (rollout.vllm; turns "
+                                            "grpo.rollout_correction.rollout_is on by default)")
     group_size: int = opt(8, ge(2), "G: samples per prompt (advantages are relative within it)")
     temperature: float = opt(1.0, gt(0.0), "sampling temperature; log-probs are taken at the same one")
     top_p: float = opt(1.0, within(0.0, 1.0, lo_open=True), "nucleus; < 1 makes the update off-policy "
@@ -116,6 +134,7 @@ class RolloutConfig:
     max_batch_tokens: int = opt(0, ge(0), "KV-cache budget per rank, in tokens: resident prompts x the longest "
                                 "prompt + decoding rows x max_new_tokens (rl/decode.kv_plan); rows join as others "
                                 "finish. 0: every prompt and row at once")
+    vllm: VllmConfig = section(VllmConfig)
 
 
 @dataclass
@@ -136,11 +155,13 @@ class RewardConfig:
 class RolloutCorrectionConfig:
     """Correction of the rollout/training mismatch (rl/correction.py, docs/METHOD.md eqs. 13-15;
     names, defaults and semantics as verl's rollout correction: importance weights on the
-    policy-gradient term, rejected tokens out of the response mask). Off by default; needs
-    old_logprobs: recompute, and then always runs the old-policy pass."""
+    policy-gradient term, rejected tokens out of the response mask). Off by default (the
+    importance weights on under rollout.engine: vllm); needs old_logprobs: recompute, and then
+    always runs the old-policy pass."""
     rollout_is: Literal["", "token", "sequence"] = opt("", None, "truncated importance sampling: each token's "
                                                        "policy-gradient loss x min(pi_train / pi_rollout, "
-                                                       "rollout_is_threshold), per token or per sequence; empty: off")
+                                                       "rollout_is_threshold), per token or per sequence; empty: off. "
+                                                       "Unset under rollout.engine: vllm: token (as TRL does for vLLM)")
     rollout_is_threshold: float = opt(2.0, gt(0.0), "C, the cap of the importance weight")
     rollout_rs: Literal["", "token", "sequence", "geometric"] = opt(
         "", None, "rejection: tokens whose ratio (per token, per sequence, or the sequence's geometric mean) leaves "
@@ -310,6 +331,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ValueError("data.test is set but data.train is empty (SafeTag-Synth brings its own test split)")
     if t.micro_batch_tokens and t.micro_batch_tokens < 2:
         raise ValueError("train.micro_batch_tokens must be 0 (off) or a token budget")
+    if cfg.rollout.engine == "vllm" and cfg.grpo.old_logprobs == "rollout":
+        raise ValueError("grpo.old_logprobs: rollout needs each token's log-prob under the full softmax at the "
+                         "temperature, which vLLM does not return (its log-probs are the nucleus's): use recompute "
+                         "with rollout.engine: vllm")
     rc = cfg.grpo.rollout_correction
     if (rc.rollout_is or rc.rollout_rs) and cfg.grpo.old_logprobs != "recompute":
         raise ValueError("grpo.rollout_correction needs grpo.old_logprobs: recompute (it weighs the training "
@@ -346,12 +371,28 @@ def load_config(path: str | None = None, overrides: list[str] = (), world_size: 
             raise ValueError(f"--set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
         set_dotted(tree, k.strip(), v)
+    engine_defaults(tree)
     try:
         cfg = build(Config, tree, "", MOVED)
         validate(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError as e:
         raise ValueError(f"{path or '<defaults>'}: {e}") from None
     return cfg
+
+
+def engine_defaults(tree: dict) -> None:
+    """Defaults that depend on another key, filled into the loaded tree where the user left them
+    unset: under rollout.engine: vllm the rollout's samples come from another implementation
+    (other kernels, other precision), so the truncated importance weights are on (token level)."""
+    rollout, grpo = tree.get("rollout"), tree.get("grpo")
+    if isinstance(rollout, dict) and rollout.get("engine") == "vllm":
+        if not isinstance(grpo, dict):
+            grpo = tree["grpo"] = {}
+        rc = grpo.get("rollout_correction")
+        if rc is None:
+            rc = grpo["rollout_correction"] = {}
+        if isinstance(rc, dict):
+            rc.setdefault("rollout_is", "token")
 
 
 def config_from_dict(tree: dict) -> Config:

@@ -28,7 +28,9 @@ from torch import nn
 
 
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    """Whether this process trains beside others (a process group of more than one: vLLM, as a
+    rollout engine in one process, makes a group of its own, which is not parallel training)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def world_size() -> int:
@@ -62,12 +64,16 @@ def init_from_env(device: str, timeout_s: int = 7200) -> torch.device:
     return dev
 
 
-def shutdown() -> None:
-    """Leave the process group cleanly: wait for every rank (rank 0 may still be evaluating), then
-    destroy it. A rank that exits with the group alive can abort in gloo's threads at teardown
+def shutdown(close=None) -> None:
+    """Leave the process group cleanly: wait for every rank (rank 0 may still be evaluating), call
+    `close` (the vLLM engine's shutdown, which destroys the group it shares), then destroy the
+    group. A rank that exits with the group alive can abort in gloo's threads at teardown
     ("terminate called without an active exception")."""
     if active():
         dist.barrier()
+    if close is not None:
+        close()
+    if active():
         dist.destroy_process_group()
 
 

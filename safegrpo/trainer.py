@@ -51,6 +51,9 @@ class Trainer:
         """Everything a run needs before its models: the run directory (ours, locked and claimed
         for this run: see checkpoint.open_run_dir), the processor, and the data, checked when loaded."""
         self.cfg, self.resume = cfg, resume
+        if cfg.rollout.engine == "vllm":                    # a missing engine is named before anything is written
+            from .rl.vllm_engine import vllm_module
+            vllm_module()
         self.out = Path(cfg.train.out_dir)
         if dist.is_main():                                  # a folder of ours, one live run in it
             self._lock = open_run_dir(self.out, resume, overwrite)
@@ -72,6 +75,9 @@ class Trainer:
         if dist.is_main():
             dist.barrier()
         check_trackers(cfg)                                 # a missing extra is named now, not after the warm start
+        if cfg.rollout.engine == "vllm" and not cfg.sft.enabled:     # (the warm start writes a folder)
+            from .rl.vllm_engine import check_model_dir
+            check_model_dir(self.model_dir)
         if cfg.model.lora.rank > 0:                         # so are target modules the model does not have
             check_targets(model_skeleton(self.model_dir, cfg.model.trust_remote_code), cfg.model.lora)
         self.reward = Reward(cfg)                           # and a reward plug-in that does not import
@@ -135,7 +141,8 @@ class Trainer:
         anchor = FormatAnchor(self.train_records, self.processor, c, self.device) if c.anchor.coef > 0 else None
         self.updater = Updater(c, self.policy, anchor)
         self.sampler = make_sampler(self.train_records, c.data, c.train.seed)
-        self.collector = Collector(c, self.policy, self.processor, self.train_records, self.sampler, self.reward)
+        self.collector = Collector(c, self.policy, self.processor, self.train_records, self.sampler, self.reward,
+                                   self.rollout_engine(init_path))
         self.start_step = 0
         self.empty_steps = 0                       # DAPO: steps in a row that kept no group anywhere
         if ckpt is not None:
@@ -149,6 +156,19 @@ class Trainer:
                 print(f"[resume] from {ckpt} (step {self.start_step})")
         # on --resume, the metrics lines of steps after the checkpoint (all, without one) are dropped
         self.metrics_file = MetricsFile(self.out, self.start_step if self.resume else None) if dist.is_main() else None
+
+    def rollout_engine(self, init_path):
+        """rollout.engine: vllm: a vLLM engine loaded from init_path (the folder GRPO starts from;
+        under LoRA the base), one per rank; native: None (rl/rollout.py)."""
+        c = self.cfg
+        if c.rollout.engine != "vllm":
+            return None
+        from .rl.rollout import banned_token_ids
+        from .rl.vllm_engine import VLLMEngine
+        model = self.policy.model
+        return VLLMEngine(c, init_path, seed=c.train.seed + dist.rank(), banned_ids=banned_token_ids(model),
+                          eos_token_id=model.generation_config.eos_token_id,
+                          image_token_id=getattr(model.config, "image_token_id", None), launched=dist.active())
 
     def train_step(self, step: int) -> dict:
         c, G = self.cfg, self.cfg.rollout.group_size
@@ -212,6 +232,13 @@ class Trainer:
                 trackers.close()
             self.reward.close()
         return last
+
+    def close(self) -> None:
+        """Shut the vLLM engine down (rollout.engine: vllm), the last thing a run does: it tears
+        down the process group it shares with training."""
+        engine = getattr(getattr(self, "collector", None), "engine", None)
+        if engine is not None:
+            engine.close()
 
     def _check_not_empty(self, step: int, empty: int) -> None:
         """DAPO: warn for a step that kept no group, stop after grpo.max_empty_steps in a row."""

