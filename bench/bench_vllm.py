@@ -167,9 +167,9 @@ def main():
             if engine == "vllm":
                 tr.close()
         figures["vllm_over_native_sampling"] = round(figures["vllm_tok_s"] / figures["native_tok_s"], 3)
-        figures["native_over_vllm_step"] = round(figures["vllm_step_s"] / figures["native_step_s"], 3)
+        figures["vllm_over_native_step"] = round(figures["vllm_step_s"] / figures["native_step_s"], 3)
         print(f"[{args.model}] vLLM / ours, sampling tokens/s: {figures['vllm_over_native_sampling']:.2f}x; "
-              f"GRPO step time vLLM / ours: {figures['native_over_vllm_step']:.2f}x")
+              f"GRPO step time vLLM / ours: {figures['vllm_over_native_step']:.2f}x")
         if args.trend:
             figures["trend"] = trend(root, args)
         record(f"vllm_{args.model}", figures)

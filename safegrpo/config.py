@@ -384,14 +384,11 @@ def engine_defaults(tree: dict) -> None:
     """Defaults that depend on another key, filled into the loaded tree where the user left them
     unset: under rollout.engine: vllm the rollout's samples come from another implementation
     (other kernels, other precision), so the truncated importance weights are on (token level)."""
-    rollout, grpo = tree.get("rollout"), tree.get("grpo")
+    rollout = tree.get("rollout")
     if isinstance(rollout, dict) and rollout.get("engine") == "vllm":
-        if not isinstance(grpo, dict):
-            grpo = tree["grpo"] = {}
-        rc = grpo.get("rollout_correction")
-        if rc is None:
-            rc = grpo["rollout_correction"] = {}
-        if isinstance(rc, dict):
+        rc = tree.setdefault("grpo", {}).setdefault("rollout_correction", {}) \
+            if isinstance(tree.get("grpo", {}), dict) else None
+        if isinstance(rc, dict):                     # (anything else: build names the bad value)
             rc.setdefault("rollout_is", "token")
 
 

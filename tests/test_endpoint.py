@@ -9,6 +9,7 @@ Two kinds of real local servers, no mock of HTTP:
   to show.
 """
 import base64
+from contextlib import contextmanager
 import importlib.util
 import io
 import json
@@ -63,6 +64,32 @@ def text_model_dir(tmp_path_factory, tiny_model_dir):
     return out
 
 
+@contextmanager
+def local_server(cmd: list, probe: str, log: Path, env: dict, seconds: int = 120):
+    """Run a server command (output to `log`) until `probe` answers; stop it on exit. A server
+    that exits, or does not answer within `seconds`, fails the test with its log's tail."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    try:
+        for _ in range(2 * seconds):
+            if proc.poll() is not None:
+                pytest.fail(f"{cmd[0]} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(probe, timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"{cmd[0]} did not come up in {seconds} s:\n{log.read_text()[-3000:]}")
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 @pytest.fixture(scope="module")
 def served(text_model_dir, tmp_path_factory):
     """`transformers serve` on a free local port, serving text_model_dir; stopped after the module."""
@@ -71,28 +98,10 @@ def served(text_model_dir, tmp_path_factory):
     port, log = free_port(), tmp_path_factory.mktemp("serve-log") / "serve.log"
     cli = Path(sys.executable).with_name("transformers")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([str(cli), "serve", str(text_model_dir), "--host", "127.0.0.1", "--port", str(port),
-                                 "--device", "cpu"], stdout=fh, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            if proc.poll() is not None:
-                pytest.fail(f"transformers serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(url + "/health", timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"transformers serve did not come up in 120 s:\n{log.read_text()[-3000:]}")
+    with local_server([str(cli), "serve", str(text_model_dir), "--host", "127.0.0.1", "--port", str(port),
+                       "--device", "cpu"], url + "/health", log, env):
         yield f"{url}/v1", str(text_model_dir)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def run_eval(*args):
