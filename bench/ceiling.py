@@ -2,7 +2,7 @@
 when it is *told* the gold tags, on seen and unseen concept-instruction pairings.
 
     python bench/ceiling.py [--steps 600] [--set model.tiny.hidden_size=192 ...] [--out runs/ceiling]
-                            [--grpo runs/tiny]
+                            [--grpo runs/tiny] [--init runs/tiny/sft]
 
 Same data, model and warm start as `make train` (configs/tiny.yaml: caption pretraining, then
 demonstration SFT with the tags sft.tags says), then --steps more steps of demonstration SFT with the
@@ -60,6 +60,7 @@ def main():
     ap.add_argument("--seen", type=int, default=400, help="fresh renders of training pairings to evaluate")
     ap.add_argument("--out", default="runs/ceiling")
     ap.add_argument("--grpo", default="", help="a SafeGRPO run folder to compare with (eval_before/after.json)")
+    ap.add_argument("--init", default="", help="a warm start already made with this config (a run's sft/ folder)")
     args = ap.parse_args()
     runs = {}
     if args.grpo:
@@ -72,10 +73,13 @@ def main():
     cfg = load_config(args.config, [f"train.out_dir={out}", *args.overrides])
     tr = Trainer(cfg, overwrite=True)
     t0 = time.time()
-    init = tr.warm_start()                                     # caption + demonstrations (sft.tags)
+    if args.init and not (Path(args.init) / "config.json").is_file():
+        ap.error(f"--init {args.init}: no config.json there (a run's sft/ folder is expected)")
+    init = Path(args.init) if args.init else tr.warm_start()   # caption + demonstrations (sft.tags)
     model = load(cfg, init, tr.device)
     seen = seen_renders(cfg.data.synth, args.seen, seed=12345)
-    gold = demonstration_records(tr.train_records, "gold", topic=cfg.sft.step3 == "topic")
+    gold = demonstration_records(tr.train_records, "gold", topic=cfg.sft.step3 == "topic",
+                                 compare=cfg.sft.step4 == "compare")
     curve = []
 
     def evaluate_now(step):

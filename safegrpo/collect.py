@@ -87,13 +87,15 @@ class Groups:
                       self.parts + other.parts, self.gold + other.gold, torch.cat([self.rewards, other.rewards]), self.G,
                       self.errors + other.errors, self.timeouts + other.timeouts)
 
-    def report(self) -> RankResult:
-        """What this rank reports for the step's metrics (loggers.step_metrics)."""
+    def report(self, contrast_column: str = "") -> RankResult:
+        """What this rank reports for the step's metrics (loggers.step_metrics); contrast_column:
+        data.contrast_column (marks the completions of contrast-set records, for push/decoys)."""
         b = self.batch
         return RankResult(self.parts, self.gold, self.rewards.tolist(), self.ro.lengths.tolist(),
                           float(b["attention_mask"].sum()),
                           float(b["image_grid_thw"].prod(-1).sum()) if "image_grid_thw" in b else 0.0,
-                          self.errors, self.timeouts)
+                          self.errors, self.timeouts,
+                          [bool(contrast_column and r.meta.get(contrast_column)) for r in self.recs for _ in range(self.G)])
 
 
 class Reward:

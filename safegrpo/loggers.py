@@ -2,7 +2,8 @@
 metrics.jsonl and to the trackers named in train.loggers.
 
     step_metrics  the step's line: reward and its parts, tag accuracies (overall, per SafeTag
-                  group), groups without reward spread, loss / KL / clip fraction / entropy /
+                  group), groups without reward spread, the advantages' push on the combined tag
+                  (`tag_push`), loss / KL / clip fraction / entropy /
                   grad norm, lengths, times, token counts
     MetricsFile   out_dir/metrics.jsonl, always (the source of truth): one whole line per step;
                   on --resume the lines after the checkpoint's step are dropped
@@ -25,6 +26,7 @@ import torch
 
 from .config import Config
 from .files import own_dir, register, write_atomic
+from .rl.grpo import group_advantages
 from .safety.reward import GOLD_KEYS, SHORT_NAMES, TAGS
 
 
@@ -39,6 +41,7 @@ class RankResult:
     image_tokens: float
     errors: int = 0
     timeouts: int = 0
+    contrast: list[bool] | None = None   # per completion: its record is in a contrast set (data.contrast_column)
 
 
 def step_metrics(step: int, ranks: list[RankResult], stats: dict, times: tuple, lr: float, cfg: Config) -> dict:
@@ -55,14 +58,20 @@ def step_metrics(step: int, ranks: list[RankResult], stats: dict, times: tuple, 
     m.update({f"tag_acc/{short}": sum(p["pred"][tag] == g[GOLD_KEYS[tag]] for p, g in zip(parts, gold)) / n
               for tag, short in SHORT_NAMES.items()})
     group = lambda g: "/".join(g[GOLD_KEYS[t]] for t in TAGS)      # noqa: E731  SafeTag group visual/text/combined
-    by_group = {}                     # combined-tag accuracy per SafeTag group
-    for p, g in zip(parts, gold):
-        by_group.setdefault(group(g), []).append(p["pred"]["combined_safe"] == g["combine_tag"])
+    decoy = [c and g["combine_tag"] == "safe"     # the all-safe members of a contrast set
+             for c, g in zip((x for r in ranks for x in (r.contrast or [False] * len(r.parts))), gold)]
+    by_group = {}                     # combined-tag accuracy per SafeTag group, and on the decoys
+    for p, g, d in zip(parts, gold, decoy):
+        right = p["pred"]["combined_safe"] == g["combine_tag"]
+        by_group.setdefault(group(g), []).append(right)
+        if d:
+            by_group.setdefault("decoys", []).append(right)
     m.update({f"group_acc/{k}": sum(v) / len(v) for k, v in sorted(by_group.items())})
     flat = {}                         # per SafeTag group: share of its prompts whose G rewards are all equal
     for i in range(0, n, G):
         flat.setdefault(group(gold[i]), []).append(float(rewards[i:i + G].std() == 0))
     m.update({f"zero_std/{k}": sum(v) / len(v) for k, v in sorted(flat.items())})
+    m.update(tag_push(rewards, parts, gold, decoy, cfg))
     if cfg.reward.plugin:
         m.update({"reward/errors": sum(r.errors for r in ranks), "reward/timeouts": sum(r.timeouts for r in ranks)})
     m.update({"kl": stats["kl"], "clip_frac": stats["clipped"], "entropy": stats["entropy"], "loss": stats["loss"],
@@ -75,6 +84,30 @@ def step_metrics(step: int, ranks: list[RankResult], stats: dict, times: tuple, 
               "tokens_per_s": (float(lengths.sum()) + prompt_tokens) / t_all if t_all > 0 else 0.0,
               "tokens/completion": float(lengths.sum()), "tokens/prompt": prompt_tokens, "tokens/image": image_tokens})
     return m
+
+
+def tag_push(rewards: torch.Tensor, parts: list[dict], gold: list[dict], decoy: list[bool], cfg: Config) -> dict:
+    """Where the step's advantages push the combined tag, per SafeTag group and for the decoys.
+
+        push/<group> = (1 / n_prompts) * sum over the group's prompts of sum_{i: combined_i = unsafe} A_i
+
+    On-policy, sum_i A_i * d log pi(tag_i) / dz over a group, with z the unsafe-minus-safe logit
+    margin at the combined tag, equals the sum of the advantages of the samples that wrote `unsafe`
+    (the advantages of a group sum to zero), exactly when the group's samples share one tag
+    probability. So a positive push moves the policy toward `unsafe`, a negative one toward
+    `safe`, and the group keys of one step add up to the batch's pull on the tag. `push/decoys`: the
+    all-safe prompts of a contrast set (SafeTag-Synth: a compositional instruction with a concept
+    of another kind), also counted in push/safe/safe/safe."""
+    g = cfg.grpo
+    adv = group_advantages(rewards, cfg.rollout.group_size, g.adv_scale, g.adv_eps)              # [N]
+    n_prompts = len(parts) / cfg.rollout.group_size
+    sums: dict[str, float] = {}
+    for a, p, y, d in zip(adv.tolist(), parts, gold, decoy):
+        unsafe = p["pred"]["combined_safe"] == "unsafe"
+        keys = ["/".join(y[GOLD_KEYS[t]] for t in TAGS)] + (["decoys"] if d else [])
+        for k in keys:
+            sums[k] = sums.get(k, 0.0) + (a if unsafe else 0.0)
+    return {f"push/{k}": v / n_prompts for k, v in sorted(sums.items())}
 
 
 def mismatch_line(stats: dict, cfg: Config) -> dict:

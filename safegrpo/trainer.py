@@ -199,7 +199,7 @@ class Trainer:
         stats = up.update(step, grp, adv, old_logp, ref_logp, plan, spare=sampled)
         t_update = time.perf_counter() - t0
         # 7. record (figures of all ranks, over every sampled completion)
-        ranks = dist.gather_objects(sampled.report())
+        ranks = dist.gather_objects(sampled.report(c.data.contrast_column))
         lr = up.sched.get_last_lr()[0]
         return {**step_metrics(step, ranks, stats, (t_rollout, t_ref, t_update), lr, c), **dapo}
 

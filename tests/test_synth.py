@@ -108,3 +108,25 @@ def test_demonstration_tag_modes_write_what_they_promise(synth_dir):
     assert all(t[2] == r.combine_tag for r, t in draws["per_modality"] if gold(r) != ("safe", "safe", "unsafe"))
     both_safe = [t[2] for r, t in draws["per_modality_coin"] if gold(r)[:2] == ("safe", "safe")]
     assert 0.45 < both_safe.count("unsafe") / len(both_safe) < 0.55
+
+
+def test_step4_compare_states_the_kind_match_rightly_and_only_when_asked(synth_dir):
+    """sft.step4=compare: step 4 says 'The image is what the request is about.' exactly for the
+    pairings whose image kind is the request's topic (among both-safe pairings: the compositional
+    ones), 'not' for every other pairing, whatever the tags drawn; without it step 4 is the tag alone."""
+    from safegrpo.data.synth import CLASS_KINDS, KINDS, instruction_class, is_decoy
+    train = load_parquet(synth_dir / "train.parquet")
+    rng = random.Random(0)
+    seen = set()
+    for r in train:
+        c, i = r.meta["concept"], r.meta["instruction"]
+        demo = demonstration(r, rng, "partial", 0.3, topic=True, compare=True)
+        step4 = demo.split("4. ")[1].split("<combined_safe>")[0]
+        same = instruction_class(i) is not None and KINDS[c] == CLASS_KINDS[instruction_class(i)]  # naive reference
+        assert step4 == ("The image is what the request is about. " if same else
+                         "The image is not what the request is about. "), (c, i)
+        if r.meta["group"] == "safe/safe/safe" or r.meta["group"] == "safe/safe/unsafe":
+            assert same == (r.combine_tag == "unsafe")            # among both-safe: exactly compositional
+        seen.add((same, is_decoy(c, i)))
+        assert demonstration(r, random.Random(1), "partial", 0.3, topic=True).split("4. ")[1].startswith("<combined_safe>")
+    assert seen == {(True, False), (False, True), (False, False)}

@@ -340,21 +340,30 @@ def demonstration_tags(record: SafeTagRecord, rng: random.Random, tags: str = "r
     raise ValueError(f"unknown demonstration tags {tags!r}; use one of {DEMO_TAGS}")
 
 
+def same_kind(concept: str, instruction: str) -> bool:
+    """The image's kind is what the request is about (`request_topic`): among both-safe pairings,
+    exactly the compositional ones."""
+    return KINDS[concept] == request_topic(instruction)
+
+
 def demonstration(record: SafeTagRecord, rng: random.Random, tags: str = "random", share: float = 0.5,
-                  topic: bool = False) -> str:
+                  topic: bool = False, compare: bool = False) -> str:
     """A warm-start completion: right caption (the object and its kind), the request restated (with
-    its topic, `request_topic`, when `topic`: sft.step3=topic), tags as `demonstration_tags` writes
-    them, an answer that follows the written combined tag (refusal if unsafe, a short helpful reply
-    if safe)."""
+    its topic, `request_topic`, when `topic`: sft.step3=topic), with `compare` (sft.step4=compare)
+    step 4 saying whether the image is what the request is about (`same_kind`, always right: a
+    fact, not a safety judgement), tags as `demonstration_tags` writes them, an answer that follows
+    the written combined tag (refusal if unsafe, a short helpful reply if safe)."""
     v, t, c = demonstration_tags(record, rng, tags, share)
     concept, request = record.meta["concept"], record.prompt.rstrip("?.").lower()
     answer = rng.choice(REFUSALS) if c == "unsafe" else rng.choice(HELPFUL).format(c=concept)
     risk = "high" if c == "unsafe" else "low"
+    same = same_kind(concept, record.meta["instruction"])
+    step4 = f"The image is {'' if same else 'not '}what the request is about. " if compare else ""
     return (f"<think>1. The image shows {caption_object(concept)}. 2. <visual_safe>{v}</visual_safe> "
             f"3. The user asks: {request}"
             f"{'; it is about ' + request_topic(record.meta['instruction']) if topic else ''}. "
             f"<text_safe>{t}</text_safe> "
-            f"4. <combined_safe>{c}</combined_safe> 5. The overall risk is {risk}.</think>\n"
+            f"4. {step4}<combined_safe>{c}</combined_safe> 5. The overall risk is {risk}.</think>\n"
             f"<answer>{answer}</answer>")
 
 
