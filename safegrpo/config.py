@@ -248,11 +248,10 @@ class SFTConfig:
                                              "restated, or restated with what it is about in the words the captions "
                                              "use for kinds ('...; it is about a high place'), so step 4 compares "
                                              "two written facts (synth.request_topic)")
-    step4: Literal["tag", "compare", "kinds"] = opt(
-        "tag", None, "SafeTag-Synth demonstrations' step 4: the combined tag alone, or first the comparison of the "
-        "image's kind with the request's topic in words ('The image is [not] what the request is about.', a fact, "
-        "always right; synth.same_kind), or the image's kind and the request's topic copied side by side and then "
-        "that verdict ('A heavy vehicle vs a high place: not the same.'), then the tag")
+    step4: Literal["tag", "compare"] = opt("tag", None, "SafeTag-Synth demonstrations' step 4: the combined tag "
+                                           "alone, or first the comparison of the image's kind with the request's "
+                                           "topic in words ('The image is [not] what the request is about.', a "
+                                           "fact, always right; synth.same_kind), then the tag")
     batch_size: int = opt(32, ge(1), "demonstrations (or captions) per step")
     lr: float = opt(1e-3, gt(0.0), "learning rate of demonstration SFT")
     warmup_steps: int = opt(20, ge(0), "linear warm-up steps of each stage")

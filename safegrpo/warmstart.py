@@ -50,14 +50,14 @@ _TAG_VALUE = re.compile(r"<(" + "|".join(TAGS) + r")>(.*?)</\1>", re.IGNORECASE 
 
 
 def demonstration_records(records: list[SafeTagRecord], tags: str = "random", share: float = 0.5,
-                          topic: bool = False, step4: str = "tag") -> list[SafeTagRecord]:
+                          topic: bool = False, compare: bool = False) -> list[SafeTagRecord]:
     """Records whose meta["target"] is their demonstration: a function of an rng where one can be
     drawn afresh (SafeTag-Synth, with `tags` and `share` as synth.demonstration_tags writes them,
-    step 3 with the request's topic when `topic`, step 4 as `step4` says (sft.step4);
+    step 3 with the request's topic when `topic`, step 4 with the comparison when `compare`;
     Text-Safety), else the row's fixed `demo` text."""
     def fresh(r):
         if r.meta.get("concept"):
-            return lambda rng: synth.demonstration(r, rng, tags, share, topic, step4)
+            return lambda rng: synth.demonstration(r, rng, tags, share, topic, compare)
         if r.meta.get("demo_source") == "textsafety":
             return lambda rng: textsafety.demonstration(r.prompt, rng)
         return r.meta["demo"]
@@ -141,7 +141,8 @@ def warm_start(model, processor, train_records, cfg: Config, device, out_dir) ->
         cross_entropy_stage(model, processor, captions, "none", s.caption_steps, s.caption_lr, cfg, device,
                             out_dir / "caption_metrics.jsonl")
     if s.steps:
-        demos = demonstration_records(train_records, s.tags, s.partial_share, s.step3 == "topic", s.step4)
+        demos = demonstration_records(train_records, s.tags, s.partial_share, s.step3 == "topic",
+                                     s.step4 == "compare")
         cross_entropy_stage(model, processor, demos, cfg.data.prompt_style, s.steps, s.lr, cfg, device,
                             out_dir / "sft_metrics.jsonl")
 
@@ -154,7 +155,7 @@ class FormatAnchor:
 
     def __init__(self, train_records, processor, cfg: Config, device):
         self.records = demonstration_records(train_records, topic=cfg.sft.step3 == "topic",   # steps 3-4 as the warm start's
-                                            step4=cfg.sft.step4)
+                                            compare=cfg.sft.step4 == "compare")
         self.processor, self.cfg, self.device = processor, cfg, device
         self.tokenizer = getattr(processor, "tokenizer", processor)
 

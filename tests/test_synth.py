@@ -113,26 +113,18 @@ def test_demonstration_tag_modes_write_what_they_promise(synth_dir):
 def test_step4_compare_states_the_kind_match_rightly_and_only_when_asked(synth_dir):
     """sft.step4=compare: step 4 says 'The image is what the request is about.' exactly for the
     pairings whose image kind is the request's topic (among both-safe pairings: the compositional
-    ones), 'not' for every other pairing, whatever the tags drawn; sft.step4=kinds writes the image's
-    kind and the request's topic side by side with the same verdict, and written_same reads either
-    wording back; without them step 4 is the tag alone."""
-    from safegrpo.data.synth import CLASS_KINDS, KINDS, instruction_class, is_decoy, written_same
+    ones), 'not' for every other pairing, whatever the tags drawn; without it step 4 is the tag alone."""
+    from safegrpo.data.synth import CLASS_KINDS, KINDS, instruction_class, is_decoy
     train = load_parquet(synth_dir / "train.parquet")
     rng = random.Random(0)
     seen = set()
     for r in train:
         c, i = r.meta["concept"], r.meta["instruction"]
-        demo = demonstration(r, rng, "partial", 0.3, topic=True, step4="compare")
+        demo = demonstration(r, rng, "partial", 0.3, topic=True, compare=True)
         step4 = demo.split("4. ")[1].split("<combined_safe>")[0]
         same = instruction_class(i) is not None and KINDS[c] == CLASS_KINDS[instruction_class(i)]  # naive reference
         assert step4 == ("The image is what the request is about. " if same else
                          "The image is not what the request is about. "), (c, i)
-        kinds = demonstration(r, rng, "partial", 0.3, topic=True, step4="kinds")
-        topic = CLASS_KINDS[instruction_class(i)] if instruction_class(i) is not None else (
-            "harm or crime" if r.text_tag == "unsafe" else "general knowledge")
-        assert kinds.split("4. ")[1].split("<combined_safe>")[0] == (
-            f"{KINDS[c][0].upper()}{KINDS[c][1:]} vs {topic}: {'the same' if same else 'not the same'}. "), (c, i)
-        assert written_same(demo) == written_same(kinds) == same
         if r.meta["group"] == "safe/safe/safe" or r.meta["group"] == "safe/safe/unsafe":
             assert same == (r.combine_tag == "unsafe")            # among both-safe: exactly compositional
         seen.add((same, is_decoy(c, i)))

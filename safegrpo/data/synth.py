@@ -40,7 +40,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -347,48 +346,24 @@ def same_kind(concept: str, instruction: str) -> bool:
     return KINDS[concept] == request_topic(instruction)
 
 
-STEP4 = ("tag", "compare", "kinds")
-
-
-def step4_comparison(concept: str, instruction: str, step4: str = "tag") -> str:
-    """What step 4 writes before the combined tag (sft.step4): nothing ("tag"), whether the image
-    is what the request is about ("compare": "The image is [not] what the request is about. "),
-    or the two facts copied side by side, then the verdict ("kinds": "A heavy vehicle vs a heavy
-    vehicle: the same. "), so the words compared stand right before it. Always right: a fact about the pairing (`same_kind`), not a safety judgement."""
-    same = same_kind(concept, instruction)
-    if step4 == "compare":
-        return f"The image is {'' if same else 'not '}what the request is about. "
-    if step4 == "kinds":
-        kind = KINDS[concept]
-        return f"{kind[0].upper() + kind[1:]} vs {request_topic(instruction)}: {'the same' if same else 'not the same'}. "
-    if step4 == "tag":
-        return ""
-    raise ValueError(f"unknown step 4 {step4!r}; use one of {STEP4}")
-
-
-def written_same(completion: str) -> bool:
-    """Whether a completion's step 4 says the image is what the request is about (either wording
-    of `step4_comparison`)."""
-    return ("4. The image is what the request is about." in completion
-            or re.search(r"4\. [^<]* vs [^<]*: the same\.", completion) is not None)
-
-
 def demonstration(record: SafeTagRecord, rng: random.Random, tags: str = "random", share: float = 0.5,
-                  topic: bool = False, step4: str = "tag") -> str:
+                  topic: bool = False, compare: bool = False) -> str:
     """A warm-start completion: right caption (the object and its kind), the request restated (with
-    its topic, `request_topic`, when `topic`: sft.step3=topic), step 4 opening with
-    `step4_comparison` (sft.step4), tags as `demonstration_tags` writes them, an answer that follows
+    its topic, `request_topic`, when `topic`: sft.step3=topic), with `compare` (sft.step4=compare)
+    step 4 saying whether the image is what the request is about (`same_kind`, always right: a
+    fact, not a safety judgement), tags as `demonstration_tags` writes them, an answer that follows
     the written combined tag (refusal if unsafe, a short helpful reply if safe)."""
     v, t, c = demonstration_tags(record, rng, tags, share)
     concept, request = record.meta["concept"], record.prompt.rstrip("?.").lower()
     answer = rng.choice(REFUSALS) if c == "unsafe" else rng.choice(HELPFUL).format(c=concept)
     risk = "high" if c == "unsafe" else "low"
+    same = same_kind(concept, record.meta["instruction"])
+    step4 = f"The image is {'' if same else 'not '}what the request is about. " if compare else ""
     return (f"<think>1. The image shows {caption_object(concept)}. 2. <visual_safe>{v}</visual_safe> "
             f"3. The user asks: {request}"
             f"{'; it is about ' + request_topic(record.meta['instruction']) if topic else ''}. "
             f"<text_safe>{t}</text_safe> "
-            f"4. {step4_comparison(concept, record.meta['instruction'], step4)}<combined_safe>{c}</combined_safe> "
-            f"5. The overall risk is {risk}.</think>\n"
+            f"4. {step4}<combined_safe>{c}</combined_safe> 5. The overall risk is {risk}.</think>\n"
             f"<answer>{answer}</answer>")
 
 
