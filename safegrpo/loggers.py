@@ -30,6 +30,11 @@ from .rl.grpo import group_advantages
 from .safety.reward import GOLD_KEYS, SHORT_NAMES, TAGS
 
 
+def group_key(gold: dict) -> str:
+    """The SafeTag group of a record's gold tags: "visual/text/combined", e.g. "safe/safe/unsafe"."""
+    return "/".join(gold[GOLD_KEYS[t]] for t in TAGS)
+
+
 @dataclass
 class RankResult:
     """What each rank reports of its rollout, gathered for the step's metrics."""
@@ -57,19 +62,18 @@ def step_metrics(step: int, ranks: list[RankResult], stats: dict, times: tuple, 
     m.update({f"reward/{k}": sum(p[k] for p in parts) / n for k in ("format", "tag", "behavior")})
     m.update({f"tag_acc/{short}": sum(p["pred"][tag] == g[GOLD_KEYS[tag]] for p, g in zip(parts, gold)) / n
               for tag, short in SHORT_NAMES.items()})
-    group = lambda g: "/".join(g[GOLD_KEYS[t]] for t in TAGS)      # noqa: E731  SafeTag group visual/text/combined
     decoy = [c and g["combine_tag"] == "safe"     # the all-safe members of a contrast set
              for c, g in zip((x for r in ranks for x in (r.contrast or [False] * len(r.parts))), gold)]
     by_group = {}                     # combined-tag accuracy per SafeTag group, and on the decoys
     for p, g, d in zip(parts, gold, decoy):
         right = p["pred"]["combined_safe"] == g["combine_tag"]
-        by_group.setdefault(group(g), []).append(right)
+        by_group.setdefault(group_key(g), []).append(right)
         if d:
             by_group.setdefault("decoys", []).append(right)
     m.update({f"group_acc/{k}": sum(v) / len(v) for k, v in sorted(by_group.items())})
     flat = {}                         # per SafeTag group: share of its prompts whose G rewards are all equal
     for i in range(0, n, G):
-        flat.setdefault(group(gold[i]), []).append(float(rewards[i:i + G].std() == 0))
+        flat.setdefault(group_key(gold[i]), []).append(float(rewards[i:i + G].std() == 0))
     m.update({f"zero_std/{k}": sum(v) / len(v) for k, v in sorted(flat.items())})
     m.update(tag_push(rewards, parts, gold, decoy, cfg))
     if cfg.reward.plugin:
@@ -104,7 +108,7 @@ def tag_push(rewards: torch.Tensor, parts: list[dict], gold: list[dict], decoy: 
     sums: dict[str, float] = {}
     for a, p, y, d in zip(adv.tolist(), parts, gold, decoy):
         unsafe = p["pred"]["combined_safe"] == "unsafe"
-        keys = ["/".join(y[GOLD_KEYS[t]] for t in TAGS)] + (["decoys"] if d else [])
+        keys = [group_key(y)] + (["decoys"] if d else [])
         for k in keys:
             sums[k] = sums.get(k, 0.0) + (a if unsafe else 0.0)
     return {f"push/{k}": v / n_prompts for k, v in sorted(sums.items())}
