@@ -592,13 +592,16 @@ def test_a_dead_judge_is_found_before_any_completion(tmp_path, tiny_model_dir, c
 @needs_xstest
 def test_ctrl_c_stops_sending_at_once(scripted, tmp_path):
     """SIGINT to eval.py while replies are slow: it exits within seconds with one line, having
-    sent only the requests already in flight, not the rest of the queue."""
+    sent only the requests already in flight, not the rest of the queue. The child starts with
+    Ctrl-C's default disposition, as from a terminal: a suite launched in the background (`make
+    test &` in a script) inherits SIGINT ignored, and so would eval.py."""
     import signal
     srv = scripted(lambda body, n: (200, chat("Sure."), 2.0))
     proc = subprocess.Popen([sys.executable, str(ROOT / "eval.py"), "--config", str(ROOT / "configs/tiny.yaml"),
                              "--benchmark", "xstest", "--limit", "20", "--endpoint", srv.url, "--model", "m",
                              "--concurrency", "2", "--out", str(tmp_path / "o")], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.time()
     while len(srv.bodies) < 2 and time.time() - t0 < 120:
         time.sleep(0.05)
