@@ -79,7 +79,7 @@ def main():
     model = load(cfg, init, tr.device)
     seen = seen_renders(cfg.data.synth, args.seen, seed=12345)
     gold = demonstration_records(tr.train_records, "gold", topic=cfg.sft.step3 == "topic",
-                                 step4=cfg.sft.step4)
+                                 compare=cfg.sft.step4 == "compare")
     curve = []
 
     def evaluate_now(step):

@@ -1,5 +1,5 @@
 """Why a SafeTag-Synth checkpoint misses the compositional and decoy items it misses, when its
-demonstrations write the comparison (sft.step4: compare or kinds):
+demonstrations write the comparison (sft.step4: compare):
 
     python bench/step4_errors.py CHECKPOINT [CHECKPOINT ...] [--config configs/tiny.yaml] [--set k=v ...]
 
@@ -27,7 +27,7 @@ from safegrpo.eval.metrics import evaluate  # noqa: E402
 from safegrpo.model import load_processor  # noqa: E402
 from safegrpo.policy import load  # noqa: E402
 
-SAME = re.compile(r"4\. The image is (?:[^,.<]*, )?what the request is about\.")   # sft.step4 compare or kinds
+SAME = "4. The image is what the request is about."
 
 
 def causes(records, texts) -> Counter:
@@ -35,7 +35,7 @@ def causes(records, texts) -> Counter:
     c = Counter()
     for r, t in zip(records, texts):
         kind = "comp" if r.combine_tag == "unsafe" else "decoy"
-        same = bool(SAME.search(t))
+        same = SAME in t
         m = re.search(r"<combined_safe>(\w+)</combined_safe>", t)
         tag = m.group(1) if m else None
         c[kind, "n"] += 1

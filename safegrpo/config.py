@@ -248,16 +248,10 @@ class SFTConfig:
                                              "restated, or restated with what it is about in the words the captions "
                                              "use for kinds ('...; it is about a high place'), so step 4 compares "
                                              "two written facts (synth.request_topic)")
-    step4: Literal["tag", "compare", "kinds"] = opt("tag", None, "SafeTag-Synth demonstrations' step 4: the combined "
-                                                    "tag alone, or first the comparison of the image's kind with the "
-                                                    "request's topic in words ('The image is [not] what the request is "
-                                                    "about.', a fact, always right; synth.same_kind), or (kinds) the "
-                                                    "same with the image's kind restated before the verdict ('The image "
-                                                    "is a high place, [not] what...'), then the tag")
-    counterfactual: float = opt(0.0, within(0.0, 1.0), "SafeTag-Synth with step3=topic, step4=kinds: the share "
-                                "of demonstrations whose restated kind is replaced by another, left out of the loss, "
-                                "the verdict following the kind as written (synth.counterfactual): step 4 learns to "
-                                "compare, not to recall which concepts went with an instruction")
+    step4: Literal["tag", "compare"] = opt("tag", None, "SafeTag-Synth demonstrations' step 4: the combined tag "
+                                           "alone, or first the comparison of the image's kind with the request's "
+                                           "topic in words ('The image is [not] what the request is about.', a "
+                                           "fact, always right; synth.same_kind), then the tag")
     batch_size: int = opt(32, ge(1), "demonstrations (or captions) per step")
     lr: float = opt(1e-3, gt(0.0), "learning rate of demonstration SFT")
     warmup_steps: int = opt(20, ge(0), "linear warm-up steps of each stage")
@@ -357,9 +351,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ValueError(f"train.loggers lists a logger twice: {t.loggers}")
     if t.eval_every and t.eval_every > t.steps:
         raise ValueError(f"train.eval_every ({t.eval_every}) is larger than train.steps ({t.steps})")
-    if cfg.sft.counterfactual and (cfg.sft.step3 != "topic" or cfg.sft.step4 != "kinds"):
-        raise ValueError("sft.counterfactual replaces the kind step 4 restates: it needs sft.step3: topic and "
-                         "sft.step4: kinds")
     from .safety.prompting import instruction_text       # a named style or a readable, non-empty file
     try:
         instruction_text(d.prompt_style)

@@ -50,20 +50,14 @@ _TAG_VALUE = re.compile(r"<(" + "|".join(TAGS) + r")>(.*?)</\1>", re.IGNORECASE 
 
 
 def demonstration_records(records: list[SafeTagRecord], tags: str = "random", share: float = 0.5,
-                          topic: bool = False, step4: str = "tag", counterfactual: float = 0.0) -> list[SafeTagRecord]:
+                          topic: bool = False, compare: bool = False) -> list[SafeTagRecord]:
     """Records whose meta["target"] is their demonstration: a function of an rng where one can be
     drawn afresh (SafeTag-Synth, with `tags` and `share` as synth.demonstration_tags writes them,
-    step 3 with the request's topic when `topic`, step 4 as sft.step4, and with probability
-    `counterfactual` a synth.counterfactual: text and unscored spans; Text-Safety), else the row's
-    fixed `demo` text."""
-    def synth_demo(r, rng):
-        if counterfactual and rng.random() < counterfactual:
-            return synth.counterfactual(r, rng, tags, share)
-        return synth.demonstration(r, rng, tags, share, topic, step4)
-
+    step 3 with the request's topic when `topic`, step 4 with the comparison when `compare`;
+    Text-Safety), else the row's fixed `demo` text."""
     def fresh(r):
         if r.meta.get("concept"):
-            return lambda rng: synth_demo(r, rng)
+            return lambda rng: synth.demonstration(r, rng, tags, share, topic, compare)
         if r.meta.get("demo_source") == "textsafety":
             return lambda rng: textsafety.demonstration(r.prompt, rng)
         return r.meta["demo"]
@@ -75,22 +69,18 @@ def demonstration_records(records: list[SafeTagRecord], tags: str = "random", sh
             for r in demos]
 
 
-def tokenize_completions(tokenizer, texts: list[str], device, mask_tag_values: bool = False,
-                         unscored: list[list[tuple[int, int]]] | None = None):
+def tokenize_completions(tokenizer, texts: list[str], device, mask_tag_values: bool = False):
     """Padded ids [N, T] and loss mask [N, T]; with mask_tag_values, the tokens overlapping the
-    value of a <visual_safe>/<text_safe>/<combined_safe> tag are left out of the mask, and so are
-    those overlapping unscored[i]'s character spans of texts[i]."""
-    offsets = mask_tag_values or bool(unscored and any(unscored))
-    enc = [tokenizer(t, add_special_tokens=False, return_offsets_mapping=offsets) for t in texts]
+    value of a <visual_safe>/<text_safe>/<combined_safe> tag are left out of the mask."""
+    enc = [tokenizer(t, add_special_tokens=False, return_offsets_mapping=mask_tag_values) for t in texts]
     T = max(len(e["input_ids"]) for e in enc)
     ids = torch.full((len(enc), T), tokenizer.pad_token_id, dtype=torch.long)
     for i, e in enumerate(enc):
         ids[i, :len(e["input_ids"])] = torch.tensor(e["input_ids"])
     mask = completion_mask(torch.tensor([len(e["input_ids"]) for e in enc]), T)
-    if offsets:
+    if mask_tag_values:
         for i, (t, e) in enumerate(zip(texts, enc)):
-            spans = [m.span(2) for m in _TAG_VALUE.finditer(t)] if mask_tag_values else []
-            spans += unscored[i] if unscored else []
+            spans = [m.span(2) for m in _TAG_VALUE.finditer(t)]
             for j, (a, b) in enumerate(e["offset_mapping"]):
                 if any(a < y and b > x for x, y in spans):
                     mask[i, j] = 0
@@ -103,11 +93,8 @@ def eos_text(tokenizer, model) -> str:
     return tokenizer.convert_ids_to_tokens(eos) if isinstance(eos, int) else tokenizer.eos_token
 
 
-def _targets(records, rng) -> tuple[list[str], list[list[tuple[int, int]]]]:
-    """Each record's target text (drawn now where it is an rng -> text function) and its unscored
-    character spans (a counterfactual's replaced fact; none otherwise)."""
-    out = [t(rng) if callable(t) else t for t in (r.meta["target"] for r in records)]
-    return [o if isinstance(o, str) else o[0] for o in out], [[] if isinstance(o, str) else o[1] for o in out]
+def _targets(records, rng) -> list[str]:
+    return [t(rng) if callable(t) else t for t in (r.meta["target"] for r in records)]
 
 
 def cross_entropy_stage(model, processor, records, prompt_style: str, steps: int, lr: float, cfg: Config,
@@ -126,8 +113,7 @@ def cross_entropy_stage(model, processor, records, prompt_style: str, steps: int
             recs = [records[i] for i in sampler.take(s.batch_size)]
             batch = {k: v.to(device) for k, v in
                      encode_prompts(processor, recs, prompt_style, cfg.data.max_prompt_length).items()}
-            texts, unscored = _targets(recs, rng)
-            ids, mask = tokenize_completions(tok, [t + eos for t in texts], device, unscored=unscored)
+            ids, mask = tokenize_completions(tok, [t + eos for t in _targets(recs, rng)], device)
             with autocast(device, cfg.model.autocast == "bf16"):
                 logp = completion_logprobs(model, batch, ids, mask, 1)
             loss = -masked_mean(logp, mask)
@@ -155,8 +141,8 @@ def warm_start(model, processor, train_records, cfg: Config, device, out_dir) ->
         cross_entropy_stage(model, processor, captions, "none", s.caption_steps, s.caption_lr, cfg, device,
                             out_dir / "caption_metrics.jsonl")
     if s.steps:
-        demos = demonstration_records(train_records, s.tags, s.partial_share, s.step3 == "topic", s.step4,
-                                     s.counterfactual)
+        demos = demonstration_records(train_records, s.tags, s.partial_share, s.step3 == "topic",
+                                     s.step4 == "compare")
         cross_entropy_stage(model, processor, demos, cfg.data.prompt_style, s.steps, s.lr, cfg, device,
                             out_dir / "sft_metrics.jsonl")
 
@@ -169,7 +155,7 @@ class FormatAnchor:
 
     def __init__(self, train_records, processor, cfg: Config, device):
         self.records = demonstration_records(train_records, topic=cfg.sft.step3 == "topic",   # steps 3-4 as the warm start's
-                                            step4=cfg.sft.step4)
+                                            compare=cfg.sft.step4 == "compare")
         self.processor, self.cfg, self.device = processor, cfg, device
         self.tokenizer = getattr(processor, "tokenizer", processor)
 
@@ -177,7 +163,7 @@ class FormatAnchor:
         c = self.cfg
         rng = random.Random(prompt_seed(c.train.seed, step, 1_000_003 + update * world + rank))
         recs = rng.sample(self.records, min(c.anchor.batch, len(self.records)))
-        texts, _ = _targets(recs, rng)                                      # no counterfactuals here
+        texts = _targets(recs, rng)
         batch = {k: v.to(self.device) for k, v in
                  encode_prompts(self.processor, recs, c.data.prompt_style, c.data.max_prompt_length).items()}
         eos = eos_text(self.tokenizer, policy_fwd.model)

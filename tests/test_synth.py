@@ -5,7 +5,7 @@ from collections import Counter
 from safegrpo.data.records import load_parquet
 from safegrpo.safety.reward import reward_breakdown
 from safegrpo.data.synth import (GROUP_SHARES, caption_object, badge_colours, SynthConfig, all_concepts, all_instructions, demonstration, generate,
-                            pair_tags, single_modality_accuracy, counterfactual)
+                            pair_tags, single_modality_accuracy)
 
 
 def test_deterministic_and_written(synth_dir):
@@ -120,7 +120,7 @@ def test_step4_compare_states_the_kind_match_rightly_and_only_when_asked(synth_d
     seen = set()
     for r in train:
         c, i = r.meta["concept"], r.meta["instruction"]
-        demo = demonstration(r, rng, "partial", 0.3, topic=True, step4="compare")
+        demo = demonstration(r, rng, "partial", 0.3, topic=True, compare=True)
         step4 = demo.split("4. ")[1].split("<combined_safe>")[0]
         same = instruction_class(i) is not None and KINDS[c] == CLASS_KINDS[instruction_class(i)]  # naive reference
         assert step4 == ("The image is what the request is about. " if same else
@@ -130,33 +130,3 @@ def test_step4_compare_states_the_kind_match_rightly_and_only_when_asked(synth_d
         seen.add((same, is_decoy(c, i)))
         assert demonstration(r, random.Random(1), "partial", 0.3, topic=True).split("4. ")[1].startswith("<combined_safe>")
     assert seen == {(True, False), (False, True), (False, False)}
-
-
-def test_step4_kinds_restates_the_image_kind_beside_the_same_verdict(synth_dir):
-    """sft.step4=kinds: 'The image is <its kind>, [not] what the request is about.', the verdict as compare's."""
-    from safegrpo.data.synth import KINDS
-    for r in load_parquet(synth_dir / "train.parquet", limit=300):
-        kinds = demonstration(r, random.Random(5), "partial", 0.3, topic=True, step4="kinds")
-        compare = demonstration(r, random.Random(5), "partial", 0.3, topic=True, step4="compare")
-        assert kinds == compare.replace("4. The image is ", f"4. The image is {KINDS[r.meta['concept']]}, ")
-
-
-def test_counterfactual_verdict_follows_the_written_kind_and_only_it_is_replaced(synth_dir):
-    """The kind step 4 restates is replaced by another kind, its span returned; the verdict
-    follows the words as written (a naive string comparison with step 3's topic), the rest is the
-    true demonstration's, both verdicts come up, and a concept meets both (so it cannot predict it)."""
-    import re
-    from safegrpo.data.synth import KINDS, request_topic
-    pattern = re.compile(r"; it is about ([^.]+)\. .*4\. The image is ([^,]+), (not )?what the request is about\.")
-    verdicts = {}
-    for i, r in enumerate(load_parquet(synth_dir / "train.parquet", limit=600)):
-        text, [(a, b)] = counterfactual(r, random.Random(i), "partial", 0.3)
-        kind, about = KINDS[r.meta["concept"]], request_topic(r.meta["instruction"])
-        m = pattern.search(text)
-        assert (a, b) == m.span(2) and text[a:b] in KINDS.values() and text[a:b] != kind   # a real replacement
-        assert m.group(1) == about and (m.group(3) is None) == (text[a:b] == about)       # verdict follows words
-        true = demonstration(r, random.Random(0), "gold", topic=True, step4="kinds")      # steps 1-4 as the record's
-        assert (text[:a] + kind + text[b:]).split("<combined_safe>")[0].replace("not what", "what") == \
-            true.split("<combined_safe>")[0].replace("not what", "what")
-        verdicts.setdefault(r.meta["concept"], set()).update({m.group(3) is None, "not what" not in true})
-    assert sum(v == {True, False} for v in verdicts.values()) >= 30, verdicts   # most concepts meet both

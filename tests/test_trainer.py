@@ -221,26 +221,6 @@ def test_ptx_leaves_out_exactly_the_tag_values(tmp_path, tiny_model_dir, synth_d
         assert tr.tokenizer.decode(dropped).replace(" ", "") == "".join(values), (t, dropped)
 
 
-def test_a_counterfactuals_replaced_fact_is_left_out_of_the_loss(tmp_path, tiny_model_dir, synth_dir):
-    """sft.counterfactual: the tokens of the replaced words (and only those) leave the mask."""
-    import random
-    from safegrpo.data import synth
-    from safegrpo.data.records import load_parquet
-    tr = Trainer(load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir)))
-    drawn = [synth.counterfactual(r, random.Random(i), "partial", 0.3) for i, r in
-             enumerate(load_parquet(synth_dir / "train.parquet", limit=8))]
-    texts, unscored = [t for t, _ in drawn], [s for _, s in drawn]
-    ids, full = tokenize_completions(tr.tokenizer, texts, tr.device)
-    _, kept = tokenize_completions(tr.tokenizer, texts, tr.device, unscored=unscored)
-    for i, (t, [(a, b)]) in enumerate(drawn):
-        dropped = ids[i][(full[i] == 1) & (kept[i] == 0)].tolist()
-        assert tr.tokenizer.decode(dropped).strip() == t[a:b], (t, dropped)
-    for step3, step4 in (("restate", "kinds"), ("topic", "compare")):
-        with pytest.raises(ValueError, match="sft.counterfactual replaces the kind step 4 restates"):
-            load_config(tiny_cfg(tmp_path, tiny_model_dir, synth_dir, **{
-                "sft.counterfactual": 0.5, "sft.step3": step3, "sft.step4": step4}))
-
-
 def test_ptx_holds_the_words_nothing_rewards(tmp_path, tiny_model_dir, synth_dir):
     """From a brief warm start, a force nothing in the reward opposes (here an entropy bonus) drives
     the policy away from the demonstrations' wording; with anchor.coef their cross-entropy (tag

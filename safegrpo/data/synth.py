@@ -346,52 +346,25 @@ def same_kind(concept: str, instruction: str) -> bool:
     return KINDS[concept] == request_topic(instruction)
 
 
-STEP4 = ("tag", "compare", "kinds")
-
-
 def demonstration(record: SafeTagRecord, rng: random.Random, tags: str = "random", share: float = 0.5,
-                  topic: bool = False, step4: str = "tag", written: tuple[str, str] | None = None) -> str:
+                  topic: bool = False, compare: bool = False) -> str:
     """A warm-start completion: right caption (the object and its kind), the request restated (with
-    its topic, `request_topic`, when `topic`: sft.step3=topic), step 4 as sft.step4 says: the tag
-    alone ("tag"), first whether the image is what the request is about ("compare": `same_kind`,
-    always right, a fact and not a safety judgement) or the same with the image's kind restated
-    beside the verdict ("kinds": "The image is a high place, [not] what the request is about."),
-    tags as `demonstration_tags` writes them, an answer that follows the written combined tag
-    (refusal if unsafe, a short helpful reply if safe). `written` = (kind, topic) replaces the
-    image's kind restated in step 4 and the topic written in step 3 (`counterfactual`); the
-    verdict always follows the words as written."""
-    if step4 not in STEP4:
-        raise ValueError(f"unknown step4 {step4!r}; use one of {STEP4}")
+    its topic, `request_topic`, when `topic`: sft.step3=topic), with `compare` (sft.step4=compare)
+    step 4 saying whether the image is what the request is about (`same_kind`, always right: a
+    fact, not a safety judgement), tags as `demonstration_tags` writes them, an answer that follows
+    the written combined tag (refusal if unsafe, a short helpful reply if safe)."""
     v, t, c = demonstration_tags(record, rng, tags, share)
     concept, request = record.meta["concept"], record.prompt.rstrip("?.").lower()
     answer = rng.choice(REFUSALS) if c == "unsafe" else rng.choice(HELPFUL).format(c=concept)
     risk = "high" if c == "unsafe" else "low"
-    kind, about = written or (KINDS[concept], request_topic(record.meta["instruction"]))   # same: `same_kind`
-    verdict = f"{'' if kind == about else 'not '}what the request is about. "
-    step4 = {"tag": "", "compare": f"The image is {verdict}", "kinds": f"The image is {kind}, {verdict}"}[step4]
+    same = same_kind(concept, record.meta["instruction"])
+    step4 = f"The image is {'' if same else 'not '}what the request is about. " if compare else ""
     return (f"<think>1. The image shows {caption_object(concept)}. 2. <visual_safe>{v}</visual_safe> "
-            f"3. The user asks: {request}{'; it is about ' + about if topic else ''}. "
+            f"3. The user asks: {request}"
+            f"{'; it is about ' + request_topic(record.meta['instruction']) if topic else ''}. "
             f"<text_safe>{t}</text_safe> "
             f"4. {step4}<combined_safe>{c}</combined_safe> 5. The overall risk is {risk}.</think>\n"
             f"<answer>{answer}</answer>")
-
-
-def counterfactual(record: SafeTagRecord, rng: random.Random, tags: str = "random",
-                   share: float = 0.5) -> tuple[str, list[tuple[int, int]]]:
-    """A step4=kinds demonstration (step 3 with its topic) whose restated kind in step 4 is
-    replaced by another kind: half the time, where it is one, the request's topic (the verdict
-    then reads "is"), else another kind ("not"). Returns the text and the character span of the
-    replaced words, which the warm start leaves out of the loss: the model is never taught to
-    write a wrong kind, only that the verdict follows the kind as written. The concept then no
-    longer predicts the verdict (the same concept meets both), so step 4 cannot learn it by
-    recalling which concepts went with which instruction (sft.counterfactual)."""
-    kind, about = KINDS[record.meta["concept"]], request_topic(record.meta["instruction"])
-    pool = sorted(set(KINDS.values()))
-    new = about if rng.random() < 0.5 and about in pool and about != kind else \
-        rng.choice([k for k in pool if k not in (kind, about)])
-    text = demonstration(record, rng, tags, share, True, "kinds", (new, about))
-    start = text.index("4. The image is ") + len("4. The image is ")
-    return text, [(start, start + len(new))]
 
 
 # ------------------------------------------------------------------------------- generation
